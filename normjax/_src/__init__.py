@@ -1,0 +1,1 @@
+"""Private implementation modules of normjax; import from `normjax` instead."""

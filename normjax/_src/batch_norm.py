@@ -1,0 +1,283 @@
+"""The BatchNorm transform and its composable options: synchronized, ghost, renorm, running statistics.
+
+See `batch_norm` for the options and the README's semantics table for how they map onto PyTorch, flax,
+Haiku and Keras.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from normjax._src import collectives
+from normjax._src import normalize as normalize_lib
+from normjax._src import renorm as renorm_lib
+from normjax._src import running
+from normjax._src import stats
+from normjax._src import transform
+from normjax._src import validation
+
+
+class BatchNormState(NamedTuple):
+  """Running statistics of a BatchNorm layer (float32 whatever the input dtype)."""
+  mean: jax.Array  # f32[*feature_shape]: running mean, initially 0
+  var: jax.Array  # f32[*feature_shape]: running variance, initially 1
+  count: jax.Array  # i32[]: number of training updates applied so far
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+  """The options of `batch_norm`, validated at construction. See `batch_norm` for their meaning."""
+  axis: validation.Axes = -1
+  momentum: Optional[float] = 0.99
+  epsilon: float = 1e-5
+  debias: bool = False
+  unbiased_running_var: bool = False
+  use_scale: bool = True
+  use_bias: bool = True
+  stats_method: str = "shifted"
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  ghost_batch_size: Optional[int] = None
+  renorm: bool = False
+  r_max: renorm_lib.ScalarOrSchedule = 3.0
+  d_max: renorm_lib.ScalarOrSchedule = 5.0
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    validation.check_momentum(self.momentum)
+    validation.check_positive(self.epsilon, "epsilon")
+    if self.stats_method not in stats.METHODS:
+      raise ValueError(f"stats_method={self.stats_method!r} must be one of {stats.METHODS}")
+    if self.debias and self.momentum is None:
+      raise ValueError("debias=True needs an EMA momentum; momentum=None is already unbiased")
+    g = self.ghost_batch_size
+    if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 2):
+      raise ValueError(f"ghost_batch_size={g!r} must be an int >= 2 (or None for the whole batch)")
+    if self.axis_name is None and self.axis_index_groups is not None:
+      raise ValueError("axis_index_groups needs axis_name to be set")
+    collectives.check_axis_index_groups(self.axis_index_groups)
+    if self.axis_index_groups is not None:  # hashable, so the config can be static
+      object.__setattr__(self, "axis_index_groups",
+                         tuple(tuple(int(i) for i in g) for g in self.axis_index_groups))
+    if self.renorm:
+      renorm_lib.check_clipping(self.r_max, self.d_max)
+
+
+def feature_axes(config: BatchNormConfig, ndim: int) -> Tuple[int, ...]:
+  return validation.normalize_axes(config.axis, ndim, "axis")
+
+
+def init_variables(feature_shape, *, use_scale=True, use_bias=True, param_dtype=jnp.float32):
+  """Initial `(params, state)`: scale 1, bias 0, running mean 0, running variance 1, count 0."""
+  params = {}
+  if use_scale:
+    params["scale"] = jnp.ones(feature_shape, param_dtype)
+  if use_bias:
+    params["bias"] = jnp.zeros(feature_shape, param_dtype)
+  state = BatchNormState(jnp.zeros(feature_shape, jnp.float32), jnp.ones(feature_shape, jnp.float32),
+                         jnp.zeros((), jnp.int32))
+  return params, state
+
+
+def _init(config: BatchNormConfig, x):
+  validation.check_float_input(jax.ShapeDtypeStruct(x.shape, x.dtype), "x")
+  axes = feature_axes(config, len(x.shape))
+  return init_variables(tuple(x.shape[a] for a in axes), use_scale=config.use_scale,
+                        use_bias=config.use_bias, param_dtype=config.param_dtype)
+
+
+def _check_variables(config, params, state, feature_shape):
+  expected = {k for k, use in (("scale", config.use_scale), ("bias", config.use_bias)) if use}
+  if not isinstance(params, dict) or set(params) != expected:
+    keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+    raise ValueError(f"params has keys {keys}; expected {sorted(expected)} for use_scale="
+                     f"{config.use_scale}, use_bias={config.use_bias}")
+  for name, value in params.items():
+    validation.check_array(value, feature_shape, config.param_dtype, f"params[{name!r}]")
+  if not isinstance(state, BatchNormState):
+    raise TypeError(f"state is a {type(state).__name__}; expected a BatchNormState from init")
+  validation.check_array(state.mean, feature_shape, jnp.float32, "state.mean")
+  validation.check_array(state.var, feature_shape, jnp.float32, "state.var")
+  validation.check_array(state.count, (), jnp.int32, "state.count")
+
+
+def _grouped(config, x, mask):
+  """Reshapes the batch axis 0 into (groups, ghost_batch_size); one group without ghost batches."""
+  g = config.ghost_batch_size
+  if g is None:
+    return x[None], None if mask is None else mask[None]
+  if x.shape[0] % g:
+    raise ValueError(f"ghost_batch_size={g} must divide the batch size {x.shape[0]} along axis 0")
+  shape = (x.shape[0] // g, g) + x.shape[1:]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:]).reshape(shape[:2] + mask.shape[1:])
+  return x.reshape(shape), mask
+
+
+def _group_size_over_devices(config) -> int:
+  if config.axis_name is None:
+    return 1
+  if config.axis_index_groups is not None:
+    return min(len(g) for g in config.axis_index_groups)
+  return collectives._static_axis_size(config.axis_name) or 1  # pylint: disable=protected-access
+
+
+def _check_group_count(config, xg, reduce_axes):
+  per_device = math.prod(xg.shape[a] for a in reduce_axes)
+  if per_device * _group_size_over_devices(config) < 2:
+    raise ValueError(
+        f"training with {per_device} element(s) per feature in each statistics group: the batch "
+        "variance is undefined. Use a larger batch (or ghost_batch_size), an axis_name to pool "
+        "devices, or training=False")
+
+
+def _running_targets(config, mean, var, count):
+  """Per-feature batch statistics for the running update: count-weighted average over groups."""
+  if config.unbiased_running_var:
+    var = jnp.where(count > 1, var * count / jnp.maximum(count - 1.0, 1.0), var)
+  weight = count / jnp.maximum(jnp.sum(count, axis=0, keepdims=True), 1.0)
+  return jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0)
+
+
+def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
+  transform.check_training_flag(training)
+  validation.check_float_input(x, "x")
+  x = jnp.asarray(x)
+  axes = feature_axes(config, x.ndim)
+  feature_shape = tuple(x.shape[a] for a in axes)
+  _check_variables(config, params, state, feature_shape)
+  mask = validation.prepare_mask(mask, x.shape)
+  bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+  scale = params["scale"].reshape(bshape) if config.use_scale else None
+  bias = params["bias"].reshape(bshape) if config.use_bias else None
+  dtype = config.dtype or x.dtype
+  if not training:
+    y = normalize_lib.normalize(x, state.mean.reshape(bshape), state.var.reshape(bshape), scale, bias,
+                                epsilon=config.epsilon, dtype=dtype)
+    return y, state
+  xg, mask_g = _grouped(config, x, mask)
+  reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
+  _check_group_count(config, xg, reduce_axes)
+  mean, var, count = stats.moments_and_count(
+      xg, reduce_axes, mask=mask_g, axis_name=config.axis_name,
+      axis_index_groups=config.axis_index_groups, method=config.stats_method)
+  if config.renorm:
+    r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
+                                  state.count, r_max=config.r_max, d_max=config.d_max,
+                                  epsilon=config.epsilon)
+    unit = 1.0 if scale is None else scale.astype(jnp.float32)
+    scale, bias = unit * r, (0.0 if bias is None else bias.astype(jnp.float32)) + unit * d
+  y = normalize_lib.normalize(xg, mean, var, scale, bias, epsilon=config.epsilon, dtype=dtype)
+  batch_mean, batch_var = _running_targets(config, mean, var, count)
+  update = functools.partial(running.update, count=state.count, momentum=config.momentum,
+                             debias=config.debias)
+  new_state = BatchNormState(update(state.mean, batch_mean.reshape(feature_shape)),
+                             update(state.var, batch_var.reshape(feature_shape)), state.count + 1)
+  new_state = jax.tree_util.tree_map(jax.lax.stop_gradient, new_state)
+  return y.reshape(x.shape), new_state
+
+
+def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, epsilon: float = 1e-5,
+               debias: bool = False, unbiased_running_var: bool = False, use_scale: bool = True,
+               use_bias: bool = True, stats_method: str = "shifted", axis_name=None,
+               axis_index_groups=None, ghost_batch_size: Optional[int] = None, renorm: bool = False,
+               r_max: renorm_lib.ScalarOrSchedule = 3.0, d_max: renorm_lib.ScalarOrSchedule = 5.0,
+               dtype=None, param_dtype=jnp.float32) -> transform.Transform:
+  """Batch Normalization as a pair of pure functions, with every variant as a composable option.
+
+  In training, `y = scale * (x - μ_B) / sqrt(σ²_B + epsilon) + bias` with μ_B, σ²_B the mean and biased
+  variance of the batch over every axis but the feature `axis`; the running statistics then move towards
+  the batch's. In evaluation (`training=False`) the running statistics replace μ_B and σ²_B and the state
+  is returned unchanged.
+
+  Args:
+    axis: the feature axis or axes (default -1, channels last). Statistics reduce over all other axes.
+    momentum: weight of the old running value: `new = momentum * old + (1 - momentum) * batch` (flax and
+      Keras convention; PyTorch's momentum is `1 - momentum`). None gives the cumulative average of all
+      batches seen, as PyTorch's `momentum=None`.
+    epsilon: added to the variance before the square root.
+    debias: zero-debiased EMA (Haiku): the running value is the EMA divided by `1 - momentum**t`, so it
+      does not lean towards the initial value.
+    unbiased_running_var: store the Bessel-corrected batch variance `n/(n-1) σ²_B` in the running
+      variance, as PyTorch does. Training always normalizes with the biased batch variance.
+    use_scale, use_bias: learn the per-feature `scale` (γ, init 1) and `bias` (β, init 0).
+    stats_method: "shifted" (accurate one pass, default), "two_pass", or "fast" (flax's E[x²]−E[x]²).
+    axis_name: mapped axis over which statistics are synchronized (global-batch BN under `shard_map`,
+      `pmap` or `vmap`); counts are summed, so unequal numbers of valid examples per device are exact.
+      Under plain `jit` with a batch sharded by `NamedSharding`, no axis name is needed: the arrays are
+      global and XLA inserts the cross-device reductions itself.
+    axis_index_groups: partition of the devices of `axis_name` into groups synchronized separately.
+    ghost_batch_size: split the batch axis 0 into consecutive groups of this size, each normalized by
+      its own statistics (ghost / virtual BN, Hoffer et al. 2017). The running statistics move by the
+      (count-weighted) mean of the groups' means and variances, as tf.keras `virtual_batch_size`.
+      With `axis_name`, group i of every device is pooled.
+    renorm: Batch Renormalization (Ioffe 2017): `y = γ((x−μ_B)/σ_B · r + d) + β` with
+      `r = sg(clip(σ_B/σ, 1/r_max, r_max))`, `d = sg(clip((μ_B−μ)/σ, −d_max, d_max))`, σ from the running
+      variance before this step's update.
+    r_max, d_max: renorm clip limits, numbers or schedules of the step count (`state.count`);
+      `normjax.batch_renorm_paper_schedule()` gives the paper's.
+    dtype: output dtype (default: the input's). Statistics and arithmetic are always float32.
+    param_dtype: dtype of `scale` and `bias` (default float32).
+
+  Returns:
+    A `Transform` with `init(x) -> (params, state)` and
+    `apply(params, state, x, *, training, mask=None) -> (y, new_state)`; `params` is a dict with
+    `scale` and `bias` of the feature shape, `state` a `BatchNormState`.
+
+  Raises:
+    ValueError: bad options (momentum outside [0, 1), ghost_batch_size < 2, r_max < 1, d_max < 0, ...);
+      at trace time: an axis out of range, a ghost batch size that does not divide the batch, a mask
+      that does not broadcast, params/state that do not match `x`, or a single element per feature in a
+      statistics group when training.
+    TypeError: integer or boolean `x`, a non-boolean mask, or a non-bool `training`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, normjax
+    >>> bn = normjax.batch_norm(momentum=0.9)
+    >>> x = jax.random.normal(jax.random.key(0), (32, 8)) * 3.0 + 5.0
+    >>> params, state = bn.init(x)
+    >>> y, state = bn.apply(params, state, x, training=True)
+    >>> bool(jnp.allclose(y.mean(0), 0.0, atol=1e-5)), int(state.count)
+    (True, 1)
+
+  References:
+    Ioffe & Szegedy 2015, arXiv:1502.03167; Hoffer et al. 2017, arXiv:1705.08741 (ghost BN);
+    Ioffe 2017, arXiv:1702.03275 (Batch Renormalization).
+  """
+  return from_config(
+      BatchNormConfig(axis, momentum, epsilon, debias, unbiased_running_var, use_scale, use_bias,
+                      stats_method, axis_name, axis_index_groups, ghost_batch_size, renorm, r_max,
+                      d_max, dtype, param_dtype))
+
+
+def from_config(config: BatchNormConfig) -> transform.Transform:
+  """The BatchNorm `Transform` for a validated `BatchNormConfig` (used by the Flax wrappers)."""
+  return transform.Transform(init=functools.partial(_init, config),
+                             apply=functools.partial(_apply, config))
+
+
+def ghost_batch_norm(ghost_batch_size: int, **options) -> transform.Transform:
+  """`batch_norm(ghost_batch_size=ghost_batch_size, **options)`: ghost / virtual BN (arXiv:1705.08741).
+
+  Example:
+    >>> import jax.numpy as jnp, normjax
+    >>> bn = normjax.ghost_batch_norm(4)
+    >>> params, state = bn.init(jnp.ones((16, 3)))
+  """
+  return batch_norm(ghost_batch_size=ghost_batch_size, **options)
+
+
+def batch_renorm(r_max: renorm_lib.ScalarOrSchedule = 3.0, d_max: renorm_lib.ScalarOrSchedule = 5.0,
+                 **options) -> transform.Transform:
+  """`batch_norm(renorm=True, r_max=r_max, d_max=d_max, **options)` (Ioffe 2017, arXiv:1702.03275).
+
+  Example:
+    >>> import normjax
+    >>> bn = normjax.batch_renorm(**normjax.batch_renorm_paper_schedule()._asdict())
+  """
+  return batch_norm(renorm=True, r_max=r_max, d_max=d_max, **options)

@@ -1,0 +1,62 @@
+"""Batch Renormalization corrections (Ioffe 2017, arXiv:1702.03275) and the paper's clipping schedule."""
+
+from typing import Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
+
+
+class RenormClipping(NamedTuple):
+  """`r_max` and `d_max` as numbers or optax-style schedules of the BatchNorm step count."""
+  r_max: ScalarOrSchedule
+  d_max: ScalarOrSchedule
+
+
+def paper_schedule(warmup_steps: int = 5000, r_max_end: float = 3.0, r_max_steps: int = 40000,
+                   d_max_end: float = 5.0, d_max_steps: int = 25000) -> RenormClipping:
+  """The clipping schedule of Ioffe 2017 §4: plain BN for `warmup_steps`, then linear relaxation.
+
+  `r_max` is 1 for the first 5k steps and grows linearly to 3 at step 40k; `d_max` is 0 for 5k steps and
+  grows linearly to 5 at step 25k. The paper says "gradually relaxed"; a linear ramp is our choice.
+
+  Example:
+    >>> import normjax
+    >>> clip = normjax.batch_renorm_paper_schedule()
+    >>> float(clip.r_max(0)), float(clip.d_max(25000))
+    (1.0, 5.0)
+  """
+  return RenormClipping(
+      r_max=optax.linear_schedule(1.0, r_max_end, r_max_steps - warmup_steps, warmup_steps),
+      d_max=optax.linear_schedule(0.0, d_max_end, d_max_steps - warmup_steps, warmup_steps))
+
+
+def check_clipping(r_max: ScalarOrSchedule, d_max: ScalarOrSchedule) -> None:
+  """Raises ValueError for a constant `r_max < 1` or `d_max < 0` (schedules are checked at step 0)."""
+  r0 = r_max(0) if callable(r_max) else r_max
+  d0 = d_max(0) if callable(d_max) else d_max
+  if not float(r0) >= 1.0:
+    raise ValueError(f"r_max={r0!r} (at step 0) must be >= 1: r is clipped to [1/r_max, r_max]")
+  if not float(d0) >= 0.0:
+    raise ValueError(f"d_max={d0!r} (at step 0) must be >= 0: d is clipped to [-d_max, d_max]")
+
+
+def _value(value: ScalarOrSchedule, step: jax.Array) -> jax.Array:
+  return jnp.asarray(value(step) if callable(value) else value, jnp.float32)
+
+
+def corrections(batch_mean, batch_var, running_mean, running_var, step, *, r_max: ScalarOrSchedule,
+                d_max: ScalarOrSchedule, epsilon: float):
+  """`r = clip(σ_B/σ, 1/r_max, r_max)` and `d = clip((μ_B−μ)/σ, −d_max, d_max)`, without gradient.
+
+  σ_B = sqrt(batch_var + ε) and σ = sqrt(running_var + ε). Then
+  `γ·((x−μ_B)/σ_B·r + d) + β = (x−μ_B)·(γ r)/σ_B + (γ d + β)`, so renorm is plain normalization with the
+  scale multiplied by `r` and `γ d` added to the bias.
+  """
+  r_limit, d_limit = _value(r_max, step), _value(d_max, step)
+  sigma = jnp.sqrt(running_var + epsilon)
+  r = jnp.clip(jnp.sqrt(batch_var + epsilon) / sigma, 1.0 / r_limit, r_limit)
+  d = jnp.clip((batch_mean - running_mean) / sigma, -d_limit, d_limit)
+  return jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)

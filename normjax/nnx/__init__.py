@@ -1,0 +1,4 @@
+"""Flax NNX wrappers: `nnx.Param` for scale/bias, `nnx.BatchStat` for running statistics."""
+from normjax.nnx._batch_norm import BatchNorm
+from normjax.nnx._batch_norm import BatchRenorm
+from normjax.nnx._batch_norm import GhostBatchNorm
