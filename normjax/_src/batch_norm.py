@@ -145,6 +145,16 @@ def _running_targets(config, mean, var, count):
 
 
 def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
+  y, new_state, _ = apply_with_batch_moments(config, params, state, x, training=training, mask=mask)
+  return y, new_state
+
+
+def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, training, mask=None):
+  """`apply`, also returning the batch's per-feature `(count, mean, var)` (None when not training).
+
+  The moments are those of the whole (global, valid) batch, ghost groups merged exactly; population
+  recalibration (`normjax.recalibrate_batch_stats`) accumulates them. Unused, XLA drops them.
+  """
   transform.check_training_flag(training)
   validation.check_float_input(x, "x")
   x = jnp.asarray(x)
@@ -159,7 +169,7 @@ def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
   if not training:
     y = normalize_lib.normalize(x, state.mean.reshape(bshape), state.var.reshape(bshape), scale, bias,
                                 epsilon=config.epsilon, dtype=dtype)
-    return y, state
+    return y, state, None
   xg, mask_g = _grouped(config, x, mask)
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   _check_group_count(config, xg, reduce_axes)
@@ -179,7 +189,9 @@ def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
   new_state = BatchNormState(update(state.mean, batch_mean.reshape(feature_shape)),
                              update(state.var, batch_var.reshape(feature_shape)), state.count + 1)
   new_state = jax.tree_util.tree_map(jax.lax.stop_gradient, new_state)
-  return y.reshape(x.shape), new_state
+  total, full_mean, full_var = stats.merge_moments_along(count, mean, var, axis=0)
+  moments = tuple(v.reshape(feature_shape) for v in (total, full_mean, full_var))
+  return y.reshape(x.shape), new_state, moments
 
 
 def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, epsilon: float = 1e-5,

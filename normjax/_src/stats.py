@@ -188,3 +188,17 @@ def merge_moments(count_a, mean_a, var_a, count_b, mean_b, var_b):
   mean = mean_a + _safe_divide(count_b * delta, count)
   spread = count_a * var_a + count_b * var_b + _safe_divide(count_a * count_b * delta * delta, count)
   return count, mean, _safe_divide(spread, count)
+
+
+def merge_moments_along(count, mean, var, axis: int):
+  """Merges per-part statistics stacked along `axis` into those of the union (keeps no `axis`).
+
+  Returns:
+    `(count, mean, var)` with `count = Σ n_k`, `mean = Σ n_k μ_k / count` and
+    `var = Σ n_k (σ²_k + (μ_k − mean)²) / count`.
+  """
+  count = jnp.broadcast_to(count, jnp.broadcast_shapes(jnp.shape(count), jnp.shape(mean)))
+  total = jnp.sum(count, axis=axis)
+  merged_mean = _safe_divide(jnp.sum(count * mean, axis=axis), total)
+  spread = var + jnp.square(mean - jnp.expand_dims(merged_mean, axis))
+  return total, merged_mean, _safe_divide(jnp.sum(count * spread, axis=axis), total)

@@ -17,6 +17,8 @@ class BatchNorm(nn.Module):
   `scale` and `bias` live in `params`; `mean`, `var` and `count` in the mutable `batch_stats` collection.
   `model.init` neither updates the statistics nor needs a bound `axis_name` (flax#1250): while
   initializing, the layer normalizes with the initial running statistics, whatever `training` says.
+  When the collection `batch_moments` is mutable, a training call also stores the batch's per-feature
+  `count`, `mean` and `var` there (population recalibration reads them).
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
@@ -55,10 +57,14 @@ class BatchNorm(nn.Module):
     params = {k: self.param(k, lambda _, v=v: v) for k, v in init_params.items()}
     stats = {k: self.variable("batch_stats", k, lambda v=v: v) for k, v in init_state._asdict().items()}
     state = bn_lib.BatchNormState(**{k: v.value for k, v in stats.items()})
-    y, new_state = bn.apply(params, state, x, training=training and not initializing, mask=mask)
+    y, new_state, moments = bn_lib.apply_with_batch_moments(
+        config, params, state, x, training=training and not initializing, mask=mask)
     if training and not initializing:
       for k, v in new_state._asdict().items():
         stats[k].value = v
+      if self.is_mutable_collection("batch_moments"):  # read by normjax.recalibrate_batch_stats
+        for k, v in zip(("count", "mean", "var"), moments):
+          self.put_variable("batch_moments", k, v)
     return y
 
 
