@@ -180,15 +180,15 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
     r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
                                   state.count, r_max=config.r_max, d_max=config.d_max,
                                   epsilon=config.epsilon)
-    unit = 1.0 if scale is None else scale.astype(jnp.float32)
-    scale, bias = unit * r, (0.0 if bias is None else bias.astype(jnp.float32)) + unit * d
+    unit = 1.0 if scale is None else scale.astype(r.dtype)
+    scale, bias = unit * r, (0.0 if bias is None else bias.astype(r.dtype)) + unit * d
   y = normalize_lib.normalize(xg, mean, var, scale, bias, epsilon=config.epsilon, dtype=dtype)
   batch_mean, batch_var = _running_targets(config, mean, var, count)
   update = functools.partial(running.update, count=state.count, momentum=config.momentum,
                              debias=config.debias)
   new_state = BatchNormState(update(state.mean, batch_mean.reshape(feature_shape)),
                              update(state.var, batch_var.reshape(feature_shape)), state.count + 1)
-  new_state = jax.tree_util.tree_map(jax.lax.stop_gradient, new_state)
+  new_state = BatchNormState(*(jax.lax.stop_gradient(v.astype(o.dtype)) for v, o in zip(new_state, state)))
   total, full_mean, full_var = stats.merge_moments_along(count, mean, var, axis=0)
   moments = tuple(v.reshape(feature_shape) for v in (total, full_mean, full_var))
   return y.reshape(x.shape), new_state, moments
@@ -233,7 +233,8 @@ def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, 
       variance before this step's update.
     r_max, d_max: renorm clip limits, numbers or schedules of the step count (`state.count`);
       `normjax.batch_renorm_paper_schedule()` gives the paper's.
-    dtype: output dtype (default: the input's). Statistics and arithmetic are always float32.
+    dtype: output dtype (default: the input's). Statistics and arithmetic are float32 (float64 for
+      float64 input); the running statistics are stored in float32 always.
     param_dtype: dtype of `scale` and `bias` (default float32).
 
   Returns:

@@ -8,16 +8,18 @@ import jax.numpy as jnp
 
 def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: Optional[jax.Array],
               bias: Optional[jax.Array], *, epsilon: float, dtype=None) -> jax.Array:
-  """`(x - mean) * scale / sqrt(var + epsilon) + bias`, computed in float32, returned in `dtype`.
+  """`(x - mean) * scale / sqrt(var + epsilon) + bias`, computed in float32 (float64 for float64 `x`),
+  returned in `dtype`.
 
   `mean`, `var`, `scale` and `bias` must broadcast against `x`; `scale` / `bias` may be None (1 / 0).
   The per-feature factor is formed first, so the elementwise work is one subtract, one multiply and one
   add, which XLA fuses with the dtype conversions into a single pass over `x`.
   """
-  factor = jax.lax.rsqrt(var.astype(jnp.float32) + epsilon)
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  factor = jax.lax.rsqrt(var.astype(acc) + epsilon)
   if scale is not None:
-    factor = factor * scale.astype(jnp.float32)
-  y = (x.astype(jnp.float32) - mean.astype(jnp.float32)) * factor
+    factor = factor * scale.astype(acc)
+  y = (x.astype(acc) - mean.astype(acc)) * factor
   if bias is not None:
-    y = y + bias.astype(jnp.float32)
+    y = y + bias.astype(acc)
   return y.astype(dtype if dtype is not None else x.dtype)

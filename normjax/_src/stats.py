@@ -1,7 +1,8 @@
 """`moments`: the one statistics kernel that every normjax layer calls.
 
-Statistics are accumulated in float32 whatever the input dtype (the input is converted inside the
-reduction, so XLA fuses the conversion and no float32 copy of `x` is materialized). The variance is the
+Statistics are accumulated in float32 whatever the input dtype, or float64 for float64 input (the
+input is converted inside the reduction, so XLA fuses the conversion and no float32 copy of `x` is
+materialized). The variance is the
 biased (population) variance, i.e. divided by the count.
 
 Methods:
@@ -44,7 +45,7 @@ def moments(x: jax.Array,
             axis_index_groups: collectives.AxisIndexGroups = None,
             method: str = "shifted",
             keepdims: bool = False) -> Tuple[jax.Array, jax.Array]:
-  """Mean and biased variance of `x` over `axes`, in float32.
+  """Mean and biased variance of `x` over `axes`, in float32 (float64 for float64 `x`).
 
   Args:
     x: floating-point array (float16, bfloat16, float32 or float64).
@@ -56,7 +57,7 @@ def moments(x: jax.Array,
     keepdims: keep the reduced axes with size 1.
 
   Returns:
-    `(mean, var)`, float32 arrays of x's shape without `axes` (or with size-1 axes if `keepdims`).
+    `(mean, var)`, float32 (float64 for float64 `x`) arrays of x's shape without `axes` (or with size-1 axes if `keepdims`).
 
   Raises:
     TypeError: `x` is not floating point, or `mask` is not boolean.
@@ -95,12 +96,21 @@ def moments_and_count(x, axes, *, mask=None, axis_name=None, axis_index_groups=N
   count = _count(x.shape, axes, mask)
   if not axes:
     valid = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
-    local_mean, m2 = jnp.where(valid, x.astype(jnp.float32), 0.0), jnp.zeros(x.shape, jnp.float32)
+    local_mean, m2 = jnp.where(valid, _acc(x), 0.0), jnp.zeros(x.shape, accumulation_dtype(x))
   elif method == "fast":
     return _fast(x, axes, mask, count, axis_name, axis_index_groups)
   else:
     local_mean, m2 = (_shifted if method == "shifted" else _two_pass)(x, axes, mask, count)
   return _combine(count, local_mean, m2, axis_name, axis_index_groups)
+
+
+def accumulation_dtype(x):
+  """float32, or float64 when `x` is float64: statistics never accumulate in less than float32."""
+  return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
+def _acc(x):
+  return x.astype(accumulation_dtype(x))
 
 
 def _count(shape, axes, mask):
@@ -128,7 +138,7 @@ def _probe_shift(x, axes, mask):
   """Mean of at most 64 valid elements along the first reduced axis: the shift K (no gradient)."""
   index = tuple(slice(0, _PROBE_LENGTH) if a == axes[0] else (slice(0, 1) if a in axes else slice(None))
                 for a in range(x.ndim))
-  probe = x[index].astype(jnp.float32)
+  probe = _acc(x[index])
   probe_mask = None
   if mask is not None:
     mask_index = tuple(s if mask.shape[a] != 1 else slice(None) for a, s in enumerate(index))
@@ -139,7 +149,7 @@ def _probe_shift(x, axes, mask):
 
 def _shifted(x, axes, mask, count):
   shift = _probe_shift(x, axes, mask)
-  centered = x.astype(jnp.float32) - shift
+  centered = _acc(x) - shift
   s1 = _masked_sum(centered, mask, axes)
   s2 = _masked_sum(centered * centered, mask, axes)
   mean_offset = _safe_divide(s1, count)
@@ -147,7 +157,7 @@ def _shifted(x, axes, mask, count):
 
 
 def _two_pass(x, axes, mask, count):
-  xf = x.astype(jnp.float32)
+  xf = _acc(x)
   mean = _safe_divide(_masked_sum(xf, mask, axes), count)
   deviation = xf - mean
   return mean, _masked_sum(deviation * deviation, mask, axes)
@@ -167,7 +177,7 @@ def _combine(count, local_mean, m2, axis_name, groups):
 
 
 def _fast(x, axes, mask, count, axis_name, groups):
-  xf = x.astype(jnp.float32)
+  xf = _acc(x)
   sums = (count, _masked_sum(xf, mask, axes), _masked_sum(xf * xf, mask, axes))
   count, s1, s2 = collectives.cross_device_sum(sums, axis_name, groups)
   mean = _safe_divide(s1, count)
