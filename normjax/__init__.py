@@ -19,3 +19,26 @@ from normjax._src.virtual_batch_norm import VirtualBatchNormState
 from normjax._src.virtual_batch_norm import virtual_batch_norm
 
 __version__ = "0.1.0"
+
+# Issue 3: feature-axis norms, weight reparametrizations, constraints, BatchNorm tools.
+from normjax._src.constraints import Constraint
+from normjax._src.constraints import is_kernel
+from normjax._src.constraints import max_norm
+from normjax._src.constraints import min_max_norm
+from normjax._src.constraints import non_neg
+from normjax._src.constraints import unit_norm
+from normjax._src.feature_norms import group_norm
+from normjax._src.feature_norms import instance_norm
+from normjax._src.feature_norms import layer_norm
+from normjax._src.feature_norms import rms_norm
+from normjax._src.folding import fold_batch_norm
+from normjax._src.folding import fold_batch_norm_model
+from normjax._src.frozen_batch_norm import frozen_batch_norm
+from normjax._src.population import recalibrate_batch_stats
+from normjax._src.weights import SpectralNormState
+from normjax._src.weights import WeightTransform
+from normjax._src.weights import spectral_norm
+from normjax._src.weights import standardize_kernel
+from normjax._src.weights import weight_norm
+from normjax._src.weights import weight_norm_data_init
+from normjax._src.weights import weight_standardization

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from normjax._src import collectives
+from normjax._src import fused_batch_norm
 from normjax._src import normalize as normalize_lib
 from normjax._src import renorm as renorm_lib
 from normjax._src import running
@@ -176,13 +177,21 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
   mean, var, count = stats.moments_and_count(
       xg, reduce_axes, mask=mask_g, axis_name=config.axis_name,
       axis_index_groups=config.axis_index_groups, method=config.stats_method)
+  r = d = None
   if config.renorm:
     r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
                                   state.count, r_max=config.r_max, d_max=config.d_max,
                                   epsilon=config.epsilon)
-    unit = 1.0 if scale is None else scale.astype(r.dtype)
-    scale, bias = unit * r, (0.0 if bias is None else bias.astype(r.dtype)) + unit * d
-  y = normalize_lib.normalize(xg, mean, var, scale, bias, epsilon=config.epsilon, dtype=dtype)
+  if fused_batch_norm.enabled():  # same forward; closed-form backward (one reduction + one pass)
+    y = fused_batch_norm.normalize_training(
+        xg, mask_g, scale, bias, r, d, reduce_axes=reduce_axes, axis_name=config.axis_name,
+        axis_index_groups=config.axis_index_groups, method=config.stats_method,
+        epsilon=config.epsilon, dtype=dtype)
+  else:  # plain autodiff through `moments` (needed for forward-mode AD)
+    if config.renorm:
+      unit = 1.0 if scale is None else scale.astype(r.dtype)
+      scale, bias = unit * r, (0.0 if bias is None else bias.astype(r.dtype)) + unit * d
+    y = normalize_lib.normalize(xg, mean, var, scale, bias, epsilon=config.epsilon, dtype=dtype)
   batch_mean, batch_var = _running_targets(config, mean, var, count)
   update = functools.partial(running.update, count=state.count, momentum=config.momentum,
                              debias=config.debias)
