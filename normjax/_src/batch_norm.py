@@ -2,6 +2,10 @@
 
 See `batch_norm` for the options and the README's semantics table for how they map onto PyTorch, flax,
 Haiku and Keras.
+
+Training-mode gradients use the closed-form BatchNorm backward of `fused_batch_norm` (one reduction
+and one elementwise pass, only `x` kept for the backward); the values are those of autodiff through
+`moments`. Pure forward-mode AD (`jax.jvp`) through training needs `fused_batch_norm.disabled()`.
 """
 
 import dataclasses
