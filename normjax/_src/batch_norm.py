@@ -89,14 +89,17 @@ def init_variables(feature_shape, *, use_scale=True, use_bias=True, param_dtype=
   return params, state
 
 
-def _init(config: BatchNormConfig, x):
+def init_for_config(config, x):
+  """`(params, state)` for `x` (an array or ShapeDtypeStruct) from any config with `axis`, `use_scale`,
+  `use_bias` and `param_dtype` (BatchNorm and frozen BatchNorm)."""
   validation.check_float_input(jax.ShapeDtypeStruct(x.shape, x.dtype), "x")
-  axes = feature_axes(config, len(x.shape))
+  axes = validation.normalize_axes(config.axis, len(x.shape), "axis")
   return init_variables(tuple(x.shape[a] for a in axes), use_scale=config.use_scale,
                         use_bias=config.use_bias, param_dtype=config.param_dtype)
 
 
-def _check_variables(config, params, state, feature_shape):
+def check_variables(config, params, state, feature_shape):
+  """Raises unless `params` and the `BatchNormState` `state` match `config` and the feature shape."""
   expected = {k for k, use in (("scale", config.use_scale), ("bias", config.use_bias)) if use}
   if not isinstance(params, dict) or set(params) != expected:
     keys = sorted(params) if isinstance(params, dict) else type(params).__name__
@@ -165,7 +168,7 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
   x = jnp.asarray(x)
   axes = feature_axes(config, x.ndim)
   feature_shape = tuple(x.shape[a] for a in axes)
-  _check_variables(config, params, state, feature_shape)
+  check_variables(config, params, state, feature_shape)
   mask = validation.prepare_mask(mask, x.shape)
   bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
   scale = params["scale"].reshape(bshape) if config.use_scale else None
@@ -283,7 +286,7 @@ def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, 
 
 def from_config(config: BatchNormConfig) -> transform.Transform:
   """The BatchNorm `Transform` for a validated `BatchNormConfig` (used by the Flax wrappers)."""
-  return transform.Transform(init=functools.partial(_init, config),
+  return transform.Transform(init=functools.partial(init_for_config, config),
                              apply=functools.partial(_apply, config))
 
 

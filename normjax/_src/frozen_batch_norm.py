@@ -28,26 +28,6 @@ class FrozenBatchNormConfig:
     validation.check_positive(self.epsilon, "epsilon")
 
 
-def _init(config, x):
-  validation.check_float_input(jax.ShapeDtypeStruct(x.shape, x.dtype), "x")
-  axes = validation.normalize_axes(config.axis, len(x.shape), "axis")
-  return bn_lib.init_variables(tuple(x.shape[a] for a in axes), use_scale=config.use_scale,
-                               use_bias=config.use_bias, param_dtype=config.param_dtype)
-
-
-def _check_variables(config, params, state, feature_shape):
-  expected = {k for k, use in (("scale", config.use_scale), ("bias", config.use_bias)) if use}
-  if not isinstance(params, dict) or set(params) != expected:
-    keys = sorted(params) if isinstance(params, dict) else type(params).__name__
-    raise ValueError(f"params has keys {keys}; expected {sorted(expected)}")
-  for name, value in params.items():
-    validation.check_array(value, feature_shape, config.param_dtype, f"params[{name!r}]")
-  if not isinstance(state, bn_lib.BatchNormState):
-    raise TypeError(f"state is a {type(state).__name__}; expected a BatchNormState")
-  validation.check_array(state.mean, feature_shape, jnp.float32, "state.mean")
-  validation.check_array(state.var, feature_shape, jnp.float32, "state.var")
-
-
 def _apply(config, params, state, x, *, training, mask=None):
   transform.check_training_flag(training)
   del mask  # statistics are not computed: nothing to mask
@@ -55,7 +35,7 @@ def _apply(config, params, state, x, *, training, mask=None):
   x = jnp.asarray(x)
   axes = validation.normalize_axes(config.axis, x.ndim, "axis")
   feature_shape = tuple(x.shape[a] for a in axes)
-  _check_variables(config, params, state, feature_shape)
+  bn_lib.check_variables(config, params, state, feature_shape)
   bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
   frozen = (lambda p: p) if config.trainable_affine else jax.lax.stop_gradient
   scale = frozen(params["scale"]).reshape(bshape) if config.use_scale else None
@@ -67,7 +47,7 @@ def _apply(config, params, state, x, *, training, mask=None):
 
 
 def from_config(config: FrozenBatchNormConfig) -> transform.Transform:
-  return transform.Transform(init=functools.partial(_init, config),
+  return transform.Transform(init=functools.partial(bn_lib.init_for_config, config),
                              apply=functools.partial(_apply, config))
 
 
