@@ -60,6 +60,8 @@ def test_config_smoke(name, data_cache, tmp_path):
   config.eval_examples = 64
   config.eval_batch_size = 64
   config.batch_size = max(16, config.batch_size // 4)
+  if config.model == "resnet18":  # the largest model: one step, one example per device
+    config.num_steps, config.batch_size, config.eval_examples, config.eval_batch_size = 1, 8, 8, 8
   if config.get("compare"):
     results = compare.run_comparison(config, str(tmp_path))
     assert set(results) == set(config.compare)
