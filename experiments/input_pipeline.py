@@ -106,6 +106,11 @@ def _preprocess(batch: Dict[str, np.ndarray], mean: Sequence[float], std: Sequen
   return {"image": image, "label": batch["label"]}
 
 
+def read_examples(source, config, indices: np.ndarray) -> Dict[str, np.ndarray]:
+  """The examples `indices` of `source`, preprocessed as training batches are (on this process, unsharded)."""
+  return _preprocess(_read_batch(source, indices), config.data_mean, config.data_std)
+
+
 def num_steps(config, info: DatasetInfo) -> int:
   """Training steps: `config.num_steps` if positive, else `config.num_epochs` epochs (last partial batch dropped)."""
   if config.get("num_steps", 0) > 0:

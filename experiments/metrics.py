@@ -24,9 +24,9 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    for name in ("train", "eval", "recalibrated"):
+    for name in sorted(f[:-4] for f in os.listdir(workdir) if f.endswith(".csv")):
       path = self.path(name)
-      if os.path.exists(path):
+      if os.path.getsize(path):
         rows = [r for r in read_csv(path) if int(r["step"]) <= start_step]
         _write_rows(path, rows)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top

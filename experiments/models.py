@@ -78,7 +78,8 @@ def make_norm(config) -> NormFactory:
     return functools.partial(njl.GhostBatchNorm, ghost_batch_size=config.ghost_batch_size, **bn)
   if name == "batch_renorm":
     return functools.partial(njl.BatchRenorm, r_max=config.get("renorm_r_max", 3.0),
-                             d_max=config.get("renorm_d_max", 5.0), **bn)
+                             d_max=config.get("renorm_d_max", 5.0),
+                             ghost_batch_size=config.get("renorm_ghost_batch_size", 0) or None, **bn)
   if name == "group_norm":
     return _optional_layer("GroupNorm", num_groups=config.get("num_groups", 8))
   if name == "layer_norm":
@@ -154,16 +155,17 @@ class BasicBlock(nn.Module):
   strides: int
   norm: NormFactory
   norm_position: str = "before"
+  conv: Callable[..., nn.Module] = nn.Conv
 
   @nn.compact
   def __call__(self, x, *, training: bool):
     bias = _use_bias(self.norm)
-    y = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=bias)(x)
+    y = self.conv(self.features, (3, 3), (self.strides, self.strides), use_bias=bias)(x)
     y = NormAct(self.norm, position=self.norm_position)(y, training=training)
-    y = nn.Conv(self.features, (3, 3), use_bias=bias)(y)
+    y = self.conv(self.features, (3, 3), use_bias=bias)(y)
     y = self.norm()(y, training=training)
     if x.shape != y.shape:
-      x = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=bias)(x)
+      x = self.conv(self.features, (1, 1), (self.strides, self.strides), use_bias=bias)(x)
       x = self.norm()(x, training=training)
     return nn.relu(x + y)
 
@@ -175,14 +177,16 @@ class ResNet(nn.Module):
   norm: NormFactory
   num_classes: int = 10
   norm_position: str = "before"
+  weight_standardization: bool = False  # every conv standardizes its kernel (normjax WeightStandardizedConv)
 
   @nn.compact
   def __call__(self, x, *, training: bool):
-    x = nn.Conv(self.widths[0], (3, 3), use_bias=_use_bias(self.norm))(x)
+    conv = njl.WeightStandardizedConv if self.weight_standardization else nn.Conv
+    x = conv(self.widths[0], (3, 3), use_bias=_use_bias(self.norm))(x)
     x = NormAct(self.norm, position=self.norm_position)(x, training=training)
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(blocks):
-        x = BasicBlock(width, 2 if i > 0 and j == 0 else 1, self.norm, self.norm_position)(x, training=training)
+        x = BasicBlock(width, 2 if i > 0 and j == 0 else 1, self.norm, self.norm_position, conv)(x, training=training)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 
@@ -198,5 +202,10 @@ def create_model(config, num_classes: int) -> nn.Module:
   if config.model not in MODELS:
     raise ValueError(f"config.model={config.model!r}: expected one of {sorted(MODELS)}")
   kwargs = dict(config.get("model_kwargs", {}) or {})
+  if config.get("weight_standardization", False):
+    if not issubclass(MODELS[config.model].func if isinstance(MODELS[config.model], functools.partial)
+                      else MODELS[config.model], ResNet):
+      raise ValueError(f"config.weight_standardization=True needs a ResNet model, got config.model={config.model!r}")
+    kwargs["weight_standardization"] = True
   return MODELS[config.model](norm=make_norm(config), num_classes=num_classes,
                               norm_position=config.get("norm_position", "before"), **kwargs)

@@ -43,6 +43,7 @@ import normjax
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
 from experiments import models
+from experiments import probes as probes_lib
 
 PER_DEVICE_STATS = ("batch_norm", "ghost_batch_norm", "batch_renorm")
 
@@ -282,6 +283,10 @@ def train_and_evaluate_with_state(config: ml_collections.ConfigDict,
       input_pipeline.train_batches(train_source, config, start_step=start_step, total_steps=total_steps),
       config.get("prefetch", 2))
   pending, last_train, last_eval = [], {}, {}
+  probe = probes_lib.make_probe(config, model, test_source)
+  probe_every = config.get("probe_every", 0) or config.eval_every or total_steps
+  if probe is not None and start_step == 0:
+    writer.write("activations", 0, probe(state))
 
   def flush(step):  # fetch the pending metrics, stop on a non-finite loss, log their mean
     nonlocal pending, last_train
@@ -314,9 +319,14 @@ def train_and_evaluate_with_state(config: ml_collections.ConfigDict,
     checkpoint = manager is not None and (last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0))
     if last or checkpoint or step % config.log_every == 0:
       flush(step)
+    if probe is not None and (last or step % probe_every == 0):
+      writer.write("activations", step, probe(state))
     if last or (config.eval_every > 0 and step % config.eval_every == 0):
       last_eval = evaluate(eval_step, state, test_source, config, data_sharding)  # running statistics
       writer.write("eval", step, last_eval)
+      if not last and config.get("recalibrate_at_every_eval") and config.get("recalibrate_steps", 0) > 0:
+        recalibrated = recalibrate(state, model, train_source, config, mesh)
+        writer.write("recalibrated", step, evaluate(eval_step, recalibrated, test_source, config, data_sharding))
     if checkpoint:
       manager.save(step, args=ocp.args.StandardSave(state))
   bar.close()

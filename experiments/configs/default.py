@@ -27,6 +27,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.num_groups = 8
   c.renorm_r_max = 3.0
   c.renorm_d_max = 5.0
+  c.renorm_ghost_batch_size = 0  # > 0: batch_renorm's statistics over groups of this many examples
+  c.weight_standardization = False  # standardize every conv kernel (Qiao et al. 2019; ResNets)
   # Optimization.
   c.optimizer = "sgd"
   c.learning_rate = 0.05
@@ -40,6 +42,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.recalibrate_steps = 0  # > 0: also evaluate after precise-BN recalibration on this many train batches
   c.eval_examples = 0  # > 0: evaluate on the first eval_examples test examples only
+  c.recalibrate_at_every_eval = False  # with recalibrate_steps > 0: also at every evaluation, not only the last
+  c.track_activations = False  # record the inputs to the activations at every evaluation (experiments/probes.py)
+  c.probe_examples = 256  # test images the activation probe runs on
+  c.probe_every = 0  # steps between activation probes (0: at every evaluation)
   c.num_epochs = 10
   c.num_steps = 0  # > 0 overrides num_epochs
   # Logging and checkpoints.
