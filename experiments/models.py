@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+import normjax
 import normjax.linen as njl
 
 NormFactory = Callable[[], nn.Module]
@@ -77,8 +78,12 @@ def make_norm(config) -> NormFactory:
   if name == "ghost_batch_norm":
     return functools.partial(njl.GhostBatchNorm, ghost_batch_size=config.ghost_batch_size, **bn)
   if name == "batch_renorm":
-    return functools.partial(njl.BatchRenorm, r_max=config.get("renorm_r_max", 3.0),
-                             d_max=config.get("renorm_d_max", 5.0),
+    r_max, d_max = config.get("renorm_r_max", 3.0), config.get("renorm_d_max", 5.0)
+    warmup = config.get("renorm_warmup_steps", 0)
+    if warmup:  # Ioffe 2017's schedule with its step ratios (5k plain BN, d_max ramp to 25k, r_max to 40k)
+      clip = normjax.batch_renorm_paper_schedule(warmup, r_max, 8 * warmup, d_max, 5 * warmup)
+      r_max, d_max = clip.r_max, clip.d_max
+    return functools.partial(njl.BatchRenorm, r_max=r_max, d_max=d_max,
                              ghost_batch_size=config.get("renorm_ghost_batch_size", 0) or None, **bn)
   if name == "group_norm":
     return _optional_layer("GroupNorm", num_groups=config.get("num_groups", 8))

@@ -85,6 +85,22 @@ def test_linen_variants_match_the_functional_transforms():
     np.testing.assert_allclose(u1["batch_stats"]["var"], s2.var, rtol=1e-5, atol=1e-6)
 
 
+def test_linen_renorm_with_a_schedule_initializes_and_trains_under_jit():
+  """Schedules are checked at step 0 when the config is built, also when that happens inside jit."""
+  clip = normjax.batch_renorm_paper_schedule(warmup_steps=2, r_max_steps=4, d_max_steps=3)
+  module = njl.BatchRenorm(r_max=clip.r_max, d_max=clip.d_max, ghost_batch_size=4)
+  x = _data((16, 3), mean=1.0, std=2.0)
+  variables = jax.jit(lambda k: module.init(k, x, training=False))(jax.random.key(0))
+  y, updates = jax.jit(lambda v: module.apply(v, x, training=True, mutable=["batch_stats"]))(variables)
+  # Step 0 of the schedule: r_max = 1, d_max = 0, i.e. plain ghost BatchNorm.
+  y_ghost, _ = normjax.ghost_batch_norm(4).apply(*normjax.ghost_batch_norm(4).init(x), x, training=True)
+  np.testing.assert_allclose(y, y_ghost, rtol=1e-5, atol=1e-5)
+  assert int(updates["batch_stats"]["count"]) == 1
+  with pytest.raises(ValueError, match="r_max"):
+    jax.jit(lambda k: njl.BatchRenorm(r_max=lambda step: 0.5 + 0 * step).init(k, x, training=False))(
+        jax.random.key(0))
+
+
 def test_linen_virtual_batch_norm_uses_the_init_batch_as_reference():
   reference, x = _data((64, 3), mean=2.0), _data((4, 3), seed=3)
   module = njl.VirtualBatchNorm()

@@ -28,6 +28,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.renorm_r_max = 3.0
   c.renorm_d_max = 5.0
   c.renorm_ghost_batch_size = 0  # > 0: batch_renorm's statistics over groups of this many examples
+  c.renorm_warmup_steps = 0  # > 0: Ioffe's schedule: plain BN this long, then r_max, d_max ramp up (x8, x5)
   c.weight_standardization = False  # standardize every conv kernel (Qiao et al. 2019; ResNets)
   # Optimization.
   c.optimizer = "sgd"

@@ -53,7 +53,7 @@ def _run(study, norm, lr):
 def summarize(study, results):
   target = TARGET[study.scale]
   lines = [f"Steps to {target:.0%} test accuracy (median over seeds; 'never' if not reached in the run, "
-           "'diverged' if the loss became NaN/Inf) and final test accuracy (%, mean ± std).", "",
+           "'diverged' if the loss became non-finite) and final test accuracy (%, mean ± std).", "",
            "| learning rate | BN: steps to target | BN: final accuracy | no norm: steps to target | "
            "no norm: final accuracy |", "|---|---|---|---|---|"]
   for lr in LEARNING_RATES:

@@ -35,8 +35,9 @@ def paper_schedule(warmup_steps: int = 5000, r_max_end: float = 3.0, r_max_steps
 
 def check_clipping(r_max: ScalarOrSchedule, d_max: ScalarOrSchedule) -> None:
   """Raises ValueError for a constant `r_max < 1` or `d_max < 0` (schedules are checked at step 0)."""
-  r0 = r_max(0) if callable(r_max) else r_max
-  d0 = d_max(0) if callable(d_max) else d_max
+  with jax.ensure_compile_time_eval():  # a schedule's value at step 0 is concrete even inside jit
+    r0 = r_max(0) if callable(r_max) else r_max
+    d0 = d_max(0) if callable(d_max) else d_max
   if not float(r0) >= 1.0:
     raise ValueError(f"r_max={r0!r} (at step 0) must be >= 1: r is clipped to [1/r_max, r_max]")
   if not float(d0) >= 0.0:
