@@ -32,8 +32,15 @@ def _smoke_study(name, cache):
   return study
 
 
+@pytest.fixture(scope="session")
+def studies_workdir(tmp_path_factory):
+  """One work directory per test process: runs shared by several studies are trained once."""
+  return tmp_path_factory.mktemp("studies")
+
+
 @pytest.mark.parametrize("name", studies.STUDIES)
-def test_study_smoke(name, data_cache, tmp_path):  # noqa: F811
+def test_study_smoke(name, data_cache, studies_workdir):  # noqa: F811  pylint: disable=redefined-outer-name
+  tmp_path = studies_workdir
   study = _smoke_study(name, data_cache)
   results = run_study.run_all(study, str(tmp_path))
   assert {r: len(rs) for r, rs in results.items()} == {r: len(study.seeds) for r in study.runs}
@@ -48,9 +55,9 @@ def test_study_smoke(name, data_cache, tmp_path):  # noqa: F811
       assert r.final.get("diverged") or 0.0 <= r.final["eval_accuracy"] <= 1.0
 
 
-def test_activation_probe_and_precise_rows(data_cache, tmp_path):  # noqa: F811
+def test_activation_probe_and_precise_rows(data_cache, studies_workdir):  # noqa: F811  pylint: disable=redefined-outer-name
   study = _smoke_study("covariate_shift", data_cache)
-  results = run_study.run_all(study, str(tmp_path))
+  results = run_study.run_all(study, str(studies_workdir))
   bn, none = results["cifar_cnn_bn"][0], results["cifar_cnn_none"][0]
   steps, stds = common.curves([bn], "activations", "NormAct_1/mean_of_channel_stds")
   _, means = common.curves([bn], "activations", "NormAct_1/mean_of_abs_channel_means")

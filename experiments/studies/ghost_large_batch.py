@@ -19,7 +19,7 @@ CLAIM = ("Large-batch training generalizes worse; ghost BN (statistics over smal
 REDUCED = ("CPU scale: the seeds' MNIST CNN on scikit-learn's 8x8 digits instead of CIFAR-10; small batch "
            "32, large batch 512, ghost batch 32 (so the ratio large/ghost is 16 as for 2048/128); "
            "86,400 training examples seen (60 epochs of 1,437 images) in every arm.")
-SIZES = {"cpu": (32, 512, 32), "smoke": (8, 16, 2), "full": (128, 4096, 128)}  # small, large, ghost
+SIZES = {"cpu": (32, 512, 32), "smoke": (16, 32, 2), "full": (128, 4096, 128)}  # small, large, ghost
 
 
 def runs(scale: str):

@@ -60,8 +60,11 @@ def summarize(study, results):
     cells = []
     for norm in ("batch_norm", "none"):
       rs = results[_run(study, norm, lr)]
-      if any(r.final.get("diverged") for r in rs):
-        cells += [f"diverged ({sum(bool(r.final.get('diverged')) for r in rs)}/{len(rs)} seeds)", "—"]
+      diverged = [r for r in rs if r.final.get("diverged")]
+      if diverged:
+        rest = [r for r in rs if not r.final.get("diverged")]
+        cells += [f"diverged ({len(diverged)}/{len(rs)} seeds)",
+                  "; ".join(f"{100 * r.final['eval_accuracy']:.1f} (seed {r.seed})" for r in rest) or "—"]
         continue
       steps = np.median([steps_to_target(r, target) for r in rs])
       cells += ["never" if np.isinf(steps) else f"{steps:.0f}", common.mean_std(common.metric(rs, "eval_accuracy"))]
@@ -78,10 +81,11 @@ def plot(study, results, out_path):
                     for lr in LEARNING_RATES]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   plots.against(axes[0], LEARNING_RATES, lines, lambda rs: common.metric(rs, "eval_accuracy") * 100,
-                xlabel="SGD learning rate (momentum 0.9)", ylabel="final test accuracy (%)")
+                xlabel="SGD learning rate (momentum 0.9)", ylabel="final test accuracy (%)", base=10)
   plots.against(axes[1], LEARNING_RATES, lines, lambda rs: [steps_to_target(r, target) for r in rs],
-                xlabel="SGD learning rate (momentum 0.9)", ylabel=f"steps to {target:.0%} test accuracy")
-  plots.finish(fig, axes, out_path, study.title + " — missing points: diverged or never reached")
+                xlabel="SGD learning rate (momentum 0.9)", ylabel=f"steps to {target:.0%} test accuracy", base=10)
+  plots.finish(fig, axes, out_path, study.title + "\n(diverged seeds left out; missing points: all diverged "
+               "or target never reached)")
 
 
 def get_study(scale: str) -> common.Study:

@@ -33,7 +33,7 @@ def eval_curves(results, labels: Mapping[str, str], out_path: str, title: Option
 
 
 def against(ax, xs: Sequence[float], lines: Mapping[str, Sequence], value: Callable, *, xlabel: str,
-            ylabel: str, logx: bool = True) -> None:
+            ylabel: str, logx: bool = True, base: int = 2) -> None:
   """On `ax`, `value(results)` (an array over seeds; mean ± std drawn) against `xs`, one line per label.
 
   `lines[label][i]` is the list of RunResults at `xs[i]`, or None where there is no point (e.g. diverged).
@@ -45,7 +45,7 @@ def against(ax, xs: Sequence[float], lines: Mapping[str, Sequence], value: Calla
       ax.errorbar([p[0] for p in pts], [p[1].mean() for p in pts], yerr=[p[1].std() for p in pts], marker="o",
                   capsize=3, color=f"C{i}", label=label)
   if logx:
-    ax.set_xscale("log", base=2)
+    ax.set_xscale("log", base=base)
   ax.set(xlabel=xlabel, ylabel=ylabel)
 
 
