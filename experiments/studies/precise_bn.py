@@ -55,6 +55,7 @@ def plot(study, results, out_path):
   axes[1].axhline(0, color="k", lw=0.8)
   axes[0].set(xlabel="step", ylabel="test accuracy (%)")
   axes[1].set(xlabel="step", ylabel="accuracy difference (points)")
+  axes[0].legend(fontsize=8)
   plots.finish(fig, axes, out_path, study.title)
 
 
