@@ -49,14 +49,6 @@ def against(ax, xs: Sequence[float], lines: Mapping[str, Sequence], value: Calla
   ax.set(xlabel=xlabel, ylabel=ylabel)
 
 
-def final_vs(xs: Sequence[float], lines: Mapping[str, Sequence], out_path: str, *, xlabel: str, ylabel: str,
-             key: str = "eval_accuracy", scale: float = 100.0, logx: bool = True, title: Optional[str] = None):
-  """One panel: the final `key` × `scale` (mean ± std over seeds) against `xs` (see `against`)."""
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  against(ax, xs, lines, lambda rs: common.metric(rs, key) * scale, xlabel=xlabel, ylabel=ylabel, logx=logx)
-  finish(fig, [ax], out_path, title)
-
-
 def finish(fig, axes, out_path, title):
   for ax in axes:
     ax.grid(alpha=0.3)
