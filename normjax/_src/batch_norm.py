@@ -33,7 +33,10 @@ class BatchNormState(NamedTuple):
   count: jax.Array  # i32[]: number of training updates applied so far
 
 
-@dataclasses.dataclass(frozen=True)
+GHOST_GROUPINGS = ("consecutive", "strided")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BatchNormConfig:
   """The options of `batch_norm`, validated at construction. See `batch_norm` for their meaning."""
   axis: validation.Axes = -1
@@ -47,6 +50,7 @@ class BatchNormConfig:
   axis_name: Any = None
   axis_index_groups: Any = None
   ghost_batch_size: Optional[int] = None
+  ghost_grouping: str = "consecutive"
   renorm: bool = False
   r_max: renorm_lib.ScalarOrSchedule = 3.0
   d_max: renorm_lib.ScalarOrSchedule = 5.0
@@ -63,6 +67,8 @@ class BatchNormConfig:
     g = self.ghost_batch_size
     if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 2):
       raise ValueError(f"ghost_batch_size={g!r} must be an int >= 2 (or None for the whole batch)")
+    if self.ghost_grouping not in GHOST_GROUPINGS:
+      raise ValueError(f"ghost_grouping={self.ghost_grouping!r} must be one of {GHOST_GROUPINGS}")
     if self.axis_name is None and self.axis_index_groups is not None:
       raise ValueError("axis_index_groups needs axis_name to be set")
     collectives.check_axis_index_groups(self.axis_index_groups)
@@ -163,7 +169,7 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
   The moments are those of the whole (global, valid) batch, ghost groups merged exactly; population
   recalibration (`normjax.recalibrate_batch_stats`) accumulates them. Unused, XLA drops them.
   """
-  transform.check_training_flag(training)
+  training = transform.check_training_flag(training)
   validation.check_float_input(x, "x")
   x = jnp.asarray(x)
   axes = feature_axes(config, x.ndim)
@@ -213,7 +219,8 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
 def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, epsilon: float = 1e-5,
                debias: bool = False, unbiased_running_var: bool = False, use_scale: bool = True,
                use_bias: bool = True, stats_method: str = "shifted", axis_name=None,
-               axis_index_groups=None, ghost_batch_size: Optional[int] = None, renorm: bool = False,
+               axis_index_groups=None, ghost_batch_size: Optional[int] = None,
+               ghost_grouping: str = "consecutive", renorm: bool = False,
                r_max: renorm_lib.ScalarOrSchedule = 3.0, d_max: renorm_lib.ScalarOrSchedule = 5.0,
                dtype=None, param_dtype=jnp.float32) -> transform.Transform:
   """Batch Normalization as a pair of pure functions, with every variant as a composable option.
@@ -278,10 +285,8 @@ def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, 
     Ioffe & Szegedy 2015, arXiv:1502.03167; Hoffer et al. 2017, arXiv:1705.08741 (ghost BN);
     Ioffe 2017, arXiv:1702.03275 (Batch Renormalization).
   """
-  return from_config(
-      BatchNormConfig(axis, momentum, epsilon, debias, unbiased_running_var, use_scale, use_bias,
-                      stats_method, axis_name, axis_index_groups, ghost_batch_size, renorm, r_max,
-                      d_max, dtype, param_dtype))
+  options = dict(locals())
+  return from_config(BatchNormConfig(**options))
 
 
 def from_config(config: BatchNormConfig) -> transform.Transform:

@@ -112,7 +112,7 @@ def _split_channel(a, channel, groups):
 
 
 def _apply(config: FeatureNormConfig, params, state, x, *, training, mask=None):
-  transform.check_training_flag(training)
+  training = transform.check_training_flag(training)
   del training  # the same computation in training and evaluation
   if not isinstance(state, transform.EmptyState):
     raise TypeError(f"state is a {type(state).__name__}; expected normjax.EmptyState() from init")

@@ -29,7 +29,7 @@ class FrozenBatchNormConfig:
 
 
 def _apply(config, params, state, x, *, training, mask=None):
-  transform.check_training_flag(training)
+  training = transform.check_training_flag(training)
   del mask  # statistics are not computed: nothing to mask
   validation.check_float_input(x, "x")
   x = jnp.asarray(x)

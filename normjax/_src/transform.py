@@ -2,6 +2,8 @@
 
 from typing import Any, Callable, NamedTuple
 
+from normjax._src import modes
+
 
 class Transform(NamedTuple):
   """A normalization as pure functions, in the style of optax's `GradientTransformation`.
@@ -19,7 +21,6 @@ class EmptyState(NamedTuple):
   """The state of a stateless normalization (layer, group, instance, RMS norm)."""
 
 
-def check_training_flag(training) -> None:
-  if not isinstance(training, bool):
-    raise TypeError(f"training={training!r} must be a Python bool (it selects the computation at trace "
-                    "time); pass training=True or training=False")
+def check_training_flag(training) -> bool:
+  """Returns `training` as a Python bool; raises TypeError unless it is a Python or NumPy bool."""
+  return modes.training_flag(training)

@@ -55,7 +55,7 @@ def _init(config, reference, *, mask=None):
 
 
 def _apply(config, params, state, x, *, training, mask=None):
-  transform.check_training_flag(training)
+  training = transform.check_training_flag(training)
   validation.check_float_input(x, "x")
   x = jnp.asarray(x)
   axes = _feature_layout(config, x.ndim)

@@ -62,7 +62,7 @@ def _wn_init(axis, epsilon, kernel, key=None):
 
 
 def _wn_apply(axis, epsilon, params, state, *, training):
-  transform.check_training_flag(training)
+  training = transform.check_training_flag(training)
   v, g = params["v"], params["g"]
   out, fan_in = _fan_in_axes(v.shape, axis)
   if g.shape != (v.shape[out],):
@@ -171,7 +171,7 @@ def standardize_kernel(kernel, *, axis: int = -1, epsilon: float = 1e-5):
 
 
 def _ws_apply(axis, epsilon, params, state, *, training):
-  transform.check_training_flag(training)
+  training = transform.check_training_flag(training)
   return standardize_kernel(params["kernel"], axis=axis, epsilon=epsilon), state
 
 
@@ -238,7 +238,7 @@ def _sn_init(config, kernel, key=None):
 
 
 def _sn_apply(config, params, state, *, training):
-  transform.check_training_flag(training)
+  training = transform.check_training_flag(training)
   kernel = params["kernel"]
   w = _as_matrix(config.axis, kernel).astype(stats.accumulation_dtype(kernel))
   if not isinstance(state, SpectralNormState):
