@@ -1,8 +1,12 @@
 """normjax: normalization layers for JAX as pure, composable transforms.
 
 Every layer is a `Transform`: `params, state = t.init(x)`, then
-`y, state = t.apply(params, state, x, training=...)`.
+`y, state = t.apply(params, state, x, training=...)`. The framework faces `normjax.linen`,
+`normjax.nnx` and `normjax.equinox` are loaded on first use: `import normjax` imports no Flax or
+Equinox.
 """
+import importlib as _importlib
+
 from normjax._src.batch_norm import BatchNormConfig
 from normjax._src.batch_norm import BatchNormState
 from normjax._src.batch_norm import batch_norm
@@ -32,9 +36,7 @@ from normjax._src.feature_norms import instance_norm
 from normjax._src.feature_norms import layer_norm
 from normjax._src.feature_norms import rms_norm
 from normjax._src.folding import fold_batch_norm
-from normjax._src.folding import fold_batch_norm_model
 from normjax._src.frozen_batch_norm import frozen_batch_norm
-from normjax._src.population import recalibrate_batch_stats
 from normjax._src.weights import SpectralNormState
 from normjax._src.weights import WeightTransform
 from normjax._src.weights import spectral_norm
@@ -42,3 +44,16 @@ from normjax._src.weights import standardize_kernel
 from normjax._src.weights import weight_norm
 from normjax._src.weights import weight_norm_data_init
 from normjax._src.weights import weight_standardization
+
+_FACES = ("linen", "nnx", "equinox")
+
+
+def __getattr__(name):
+  """Loads a framework face (`normjax.linen`, `normjax.nnx`, `normjax.equinox`) on first access."""
+  if name in _FACES:
+    return _importlib.import_module(f"normjax.{name}")
+  raise AttributeError(f"module 'normjax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_FACES))

@@ -274,6 +274,8 @@ def test_rms_norm_property_scale_invariant(seed, scale):
 def test_linen_norms_share_the_factory_call_signature(module):
   import inspect  # pylint: disable=import-outside-toplevel
   params = inspect.signature(module.__call__).parameters
-  assert list(params) == ["self", "x", "training", "mask"]
+  assert [p for p in params if p != "use_running_average"] == ["self", "x", "training", "mask"]
   assert params["training"].kind is inspect.Parameter.KEYWORD_ONLY
-  assert params["mask"].default is None
+  assert params["training"].default is None and params["mask"].default is None
+  if "use_running_average" in params:  # flax's positional flag, between x and the keywords
+    assert list(params).index("use_running_average") == 2

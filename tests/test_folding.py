@@ -76,7 +76,7 @@ def test_whole_model_folds_to_an_equivalent_model_without_batch_norm():
   model = Net()
   x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 8, 8, 2)), jnp.float32)
   variables = _random_variables(model, x)
-  apply_fn, folded = normjax.fold_batch_norm_model(model, variables, x, training=False)
+  apply_fn, folded = normjax.linen.fold_batch_norm_model(model, variables, x, training=False)
   assert set(folded["params"]) == {"Conv_0", "Conv_1", "Dense_0"}
   assert all(not v for v in folded["batch_stats"].values()) if "batch_stats" in folded else True
   assert set(folded["params"]["Conv_0"]) == {"kernel", "bias"}
@@ -93,12 +93,12 @@ def test_bad_input_raises():
   model = NotFoldable()
   variables = _random_variables(model, x)
   with pytest.raises(ValueError, match="BatchNorm at 'BatchNorm_0' does not directly follow a Conv or Dense"):
-    normjax.fold_batch_norm_model(model, variables, x, training=False)
+    normjax.linen.fold_batch_norm_model(model, variables, x, training=False)
   net = Net()
   xi = jnp.ones((1, 4, 4, 2))
   net_vars = _random_variables(net, xi)
-  with pytest.raises(ValueError, match="training=True"):
-    normjax.fold_batch_norm_model(net, net_vars, xi, training=True)
+  with pytest.raises(ValueError, match="called in training mode"):
+    normjax.linen.fold_batch_norm_model(net, net_vars, xi, training=True)
   state = normjax.BatchNormState(jnp.zeros(3), jnp.ones(3), jnp.asarray(0))
   with pytest.raises(ValueError, match=r"BatchNorm mean has shape \(3,\); folding needs \(4,\)"):
     normjax.fold_batch_norm(jnp.ones((2, 4)), None, {}, state)

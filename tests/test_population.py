@@ -102,7 +102,7 @@ def test_single_layer_equals_statistics_of_concatenation(ghost):
   model = ConvBN(ghost=ghost)
   batches = _batches([8, 16, 8])
   variables = _random_variables(model, batches[0])
-  new = normjax.recalibrate_batch_stats(model.apply, variables, batches)
+  new = normjax.linen.recalibrate_batch_stats(model.apply, variables, batches)
   conv = variables["params"]["Conv_0"]
   outs = [ref_conv_same(b, conv["kernel"], conv["bias"]) for b in batches]
   mean, var = _population(outs)
@@ -130,7 +130,7 @@ def test_multi_layer_equals_layer_by_layer_float64_reference():
   model = Net()
   batches = _batches([8, 24, 16], seed=3)
   variables = _random_variables(model, batches[0])
-  new = normjax.recalibrate_batch_stats(model.apply, variables, batches)
+  new = normjax.linen.recalibrate_batch_stats(model.apply, variables, batches)
   _check_net(new, _net_reference(variables, batches))
 
 
@@ -139,7 +139,7 @@ def test_unbiased_storage(jit):
   """σ² N / (N − 1), N the total count per feature."""
   batches = _batches([4, 6], shape=(3,))
   variables = _random_variables(_APPLY_MODEL, batches[0])
-  new = normjax.recalibrate_batch_stats(_APPLY, variables, batches, unbiased=True, jit=jit)
+  new = normjax.linen.recalibrate_batch_stats(_APPLY, variables, batches, unbiased=True, jit=jit)
   flat = np.concatenate([np.asarray(b, np.float64) for b in batches])
   np.testing.assert_allclose(new["batch_stats"]["var"], flat.var(0, ddof=1), rtol=1e-5)
 
@@ -153,7 +153,7 @@ def test_batches_sharded_over_eight_devices():
   replicated = jax.device_put(variables, NamedSharding(mesh, P()))
   sharded = [jax.device_put(b, NamedSharding(mesh, P("batch"))) for b in batches]
   assert len(sharded[1].sharding.device_set) == 8
-  new = normjax.recalibrate_batch_stats(model.apply, replicated, sharded)
+  new = normjax.linen.recalibrate_batch_stats(model.apply, replicated, sharded)
   _check_net(new, _net_reference(variables, batches))
 
 
@@ -161,7 +161,7 @@ def test_adabn_recalibrates_on_a_new_domain():
   model = ConvBN()
   source, target = _batches([8, 8], seed=5), [b * 3.0 - 2.0 for b in _batches([8, 8], seed=6)]
   variables = _random_variables(model, source[0])
-  adapted = normjax.recalibrate_batch_stats(model.apply, variables, target)
+  adapted = normjax.linen.recalibrate_batch_stats(model.apply, variables, target)
   y = model.apply(adapted, jnp.concatenate(target), training=False)
   bn = variables["params"]["BatchNorm_0"]  # eval output on the target data: mean β, std |γ|
   np.testing.assert_allclose(np.asarray(y, np.float64).mean((0, 1, 2)), bn["bias"], atol=1e-4)
@@ -173,13 +173,13 @@ def test_bad_input_raises():
   x = _batches([8])[0]
   variables = _random_variables(model, x)
   with pytest.raises(ValueError, match="batches is empty"):
-    normjax.recalibrate_batch_stats(model.apply, variables, [])
+    normjax.linen.recalibrate_batch_stats(model.apply, variables, [])
   with pytest.raises(ValueError, match="batches is empty"):
-    normjax.recalibrate_batch_stats(model.apply, variables, iter(()))
+    normjax.linen.recalibrate_batch_stats(model.apply, variables, iter(()))
   dense = nn.Dense(3)
   dense_vars = {"params": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
   with pytest.raises(ValueError, match="no BatchNorm layer reported"):
-    normjax.recalibrate_batch_stats(lambda v, b, training, mutable: dense.apply(v, b, mutable=mutable),
+    normjax.linen.recalibrate_batch_stats(lambda v, b, training, mutable: dense.apply(v, b, mutable=mutable),
                                     dense_vars, [x])
 
 
@@ -190,7 +190,7 @@ def test_property_merge_order_free_and_equal_to_concatenation(sizes, seed):
   batches = [jnp.asarray(rng.standard_normal((n, 3)) * 5 + 10 * rng.standard_normal(), jnp.float32)
              for n in sizes]
   variables = _random_variables(_APPLY_MODEL, batches[0])
-  new = normjax.recalibrate_batch_stats(_APPLY, variables, batches)
+  new = normjax.linen.recalibrate_batch_stats(_APPLY, variables, batches)
   mean, var = _population(batches)
   np.testing.assert_allclose(new["batch_stats"]["mean"], mean, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(new["batch_stats"]["var"], var, rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ from normjax._src import transform
 from normjax._src import validation
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FeatureNormConfig:
   """Options shared by the feature-axis norms; see `layer_norm`, `group_norm`, `rms_norm`."""
   kind: str  # "layer", "instance", "group" or "rms"
@@ -191,8 +191,10 @@ def layer_norm(*, reduction_axes: validation.Axes = -1, feature_axes: validation
   References:
     Ba, Kiros & Hinton 2016, "Layer Normalization", arXiv:1607.06450.
   """
-  return from_config(FeatureNormConfig("layer", reduction_axes, feature_axes, None, None, epsilon,
-                                       use_scale, use_bias, stats_method, dtype, param_dtype))
+  return from_config(FeatureNormConfig(kind="layer", reduction_axes=reduction_axes, feature_axes=feature_axes,
+                                       epsilon=epsilon, use_scale=use_scale,
+                                       use_bias=use_bias, stats_method=stats_method, dtype=dtype,
+                                       param_dtype=param_dtype))
 
 
 def group_norm(num_groups: Optional[int] = None, group_size: Optional[int] = None, *, axis: int = -1,
@@ -235,8 +237,11 @@ def group_norm(num_groups: Optional[int] = None, group_size: Optional[int] = Non
   References:
     Wu & He 2018, "Group Normalization", arXiv:1803.08494.
   """
-  return from_config(FeatureNormConfig("group", reduction_axes, axis, num_groups, group_size, epsilon,
-                                       use_scale, use_bias, stats_method, dtype, param_dtype))
+  return from_config(FeatureNormConfig(kind="group", reduction_axes=reduction_axes, feature_axes=axis,
+                                       num_groups=num_groups, group_size=group_size,
+                                       epsilon=epsilon, use_scale=use_scale,
+                                       use_bias=use_bias, stats_method=stats_method, dtype=dtype,
+                                       param_dtype=param_dtype))
 
 
 def instance_norm(*, axis: int = -1, reduction_axes: Optional[validation.Axes] = None,
@@ -267,8 +272,10 @@ def instance_norm(*, axis: int = -1, reduction_axes: Optional[validation.Axes] =
   """
   if not isinstance(axis, int):
     raise ValueError(f"axis={axis!r}: instance_norm takes a single channel axis (an int)")
-  return from_config(FeatureNormConfig("instance", reduction_axes, axis, None, None, epsilon,
-                                       use_scale, use_bias, stats_method, dtype, param_dtype))
+  return from_config(FeatureNormConfig(kind="instance", reduction_axes=reduction_axes, feature_axes=axis,
+                                       epsilon=epsilon, use_scale=use_scale,
+                                       use_bias=use_bias, stats_method=stats_method, dtype=dtype,
+                                       param_dtype=param_dtype))
 
 
 def rms_norm(*, reduction_axes: validation.Axes = -1, feature_axes: validation.Axes = -1,
@@ -299,5 +306,7 @@ def rms_norm(*, reduction_axes: validation.Axes = -1, feature_axes: validation.A
   References:
     Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", arXiv:1910.07467.
   """
-  return from_config(FeatureNormConfig("rms", reduction_axes, feature_axes, None, None, epsilon,
-                                       use_scale, False, stats_method, dtype, param_dtype))
+  return from_config(FeatureNormConfig(kind="rms", reduction_axes=reduction_axes, feature_axes=feature_axes,
+                                       epsilon=epsilon, use_scale=use_scale,
+                                       use_bias=False, stats_method=stats_method, dtype=dtype,
+                                       param_dtype=param_dtype))

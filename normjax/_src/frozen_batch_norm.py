@@ -13,7 +13,7 @@ from normjax._src import transform
 from normjax._src import validation
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FrozenBatchNormConfig:
   """Options of `frozen_batch_norm`; see there."""
   axis: validation.Axes = -1
@@ -84,5 +84,5 @@ def frozen_batch_norm(*, axis: validation.Axes = -1, epsilon: float = 1e-5, use_
   References:
     Ioffe & Szegedy 2015, arXiv:1502.03167 (inference-mode BN); Wu et al., Detectron2 (FrozenBatchNorm2d).
   """
-  return from_config(FrozenBatchNormConfig(axis, epsilon, use_scale, use_bias, trainable_affine, dtype,
-                                           param_dtype))
+  options = dict(locals())
+  return from_config(FrozenBatchNormConfig(**options))

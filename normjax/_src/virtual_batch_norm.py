@@ -21,15 +21,21 @@ class VirtualBatchNormState(NamedTuple):
   count: jax.Array  # f32[*feature_shape]: number of reference elements per feature
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  axis: validation.Axes
-  epsilon: float
-  use_scale: bool
-  use_bias: bool
-  stats_method: str
-  dtype: Any
-  param_dtype: Any
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VirtualBatchNormConfig:
+  """Options of `virtual_batch_norm`, validated at construction; see there."""
+  axis: validation.Axes = -1
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  stats_method: str = "shifted"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    validation.check_positive(self.epsilon, "epsilon")
+    if self.stats_method not in stats.METHODS:
+      raise ValueError(f"stats_method={self.stats_method!r} must be one of {stats.METHODS}")
 
 
 def _feature_layout(config, ndim):
@@ -100,9 +106,10 @@ def virtual_batch_norm(*, axis: validation.Axes = -1, epsilon: float = 1e-5, use
   References:
     Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498.
   """
-  validation.check_positive(epsilon, "epsilon")
-  if stats_method not in stats.METHODS:
-    raise ValueError(f"stats_method={stats_method!r} must be one of {stats.METHODS}")
-  config = _Config(axis, epsilon, use_scale, use_bias, stats_method, dtype, param_dtype)
+  return from_config(VirtualBatchNormConfig(**dict(locals())))
+
+
+def from_config(config: "VirtualBatchNormConfig") -> transform.Transform:
+  """The virtual BatchNorm `Transform` for a validated `VirtualBatchNormConfig` (used by the faces)."""
   return transform.Transform(init=functools.partial(_init, config),
                              apply=functools.partial(_apply, config))

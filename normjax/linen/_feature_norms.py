@@ -1,26 +1,33 @@
 """linen wrappers of the stateless feature-axis norms: `scale` / `bias` in `params`, no arithmetic."""
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from normjax._src import feature_norms as fn_lib
+from normjax._src import modes
 
 
 class _FeatureNorm(nn.Module):
-  """Shared body: builds the config from the fields, creates the params, calls the pure transform."""
+  """Shared body: builds the config from the fields, creates the params, calls the pure transform.
+
+  Stateless: training and evaluation compute the same thing, so `training` is optional (as in flax,
+  whose feature norms take no mode); a given one is still type-checked.
+  """
 
   def _config(self) -> fn_lib.FeatureNormConfig:
     raise NotImplementedError
 
   @nn.compact
-  def __call__(self, x, *, training: bool, mask=None):
-    del training  # stateless: the same computation in training and evaluation
+  def __call__(self, x, *, training: Optional[bool] = None, mask=None):
+    modes.check_flag(training, "training")
     norm = fn_lib.from_config(self._config())
-    init_params, state = norm.init(x)
-    params = {k: self.param(k, lambda _, v=v: v) for k, v in init_params.items()}
-    y, _ = norm.apply(params, state, x, training=False, mask=mask)
+    shapes, state = jax.eval_shape(norm.init, jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+    params = {k: self.param(k, getattr(self, f"{k}_init"), v.shape, self.param_dtype)
+              for k, v in shapes.items()}
+    y, _ = norm.apply(params, type(state)(), x, training=False, mask=mask)
     return y
 
 
@@ -37,8 +44,8 @@ class LayerNorm(_FeatureNorm):
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
     >>> x = jnp.arange(6.0).reshape(2, 3)
-    >>> variables = njl.LayerNorm().init(jax.random.key(0), x, training=False)
-    >>> y = njl.LayerNorm().apply(variables, x, training=False)
+    >>> variables = njl.LayerNorm().init(jax.random.key(0), x)
+    >>> y = njl.LayerNorm().apply(variables, x)
   """
   reduction_axes: Any = -1
   feature_axes: Any = -1
@@ -48,10 +55,12 @@ class LayerNorm(_FeatureNorm):
   stats_method: str = "shifted"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
 
   def _config(self):
-    return fn_lib.FeatureNormConfig("layer", self.reduction_axes, self.feature_axes,
-                                    **_fields(self, _COMMON))
+    return fn_lib.FeatureNormConfig(kind="layer", reduction_axes=self.reduction_axes,
+                                    feature_axes=self.feature_axes, **_fields(self, _COMMON))
 
 
 class GroupNorm(_FeatureNorm):
@@ -60,7 +69,7 @@ class GroupNorm(_FeatureNorm):
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
     >>> x = jnp.ones((2, 4, 4, 8))
-    >>> variables = njl.GroupNorm(num_groups=4).init(jax.random.key(0), x, training=False)
+    >>> variables = njl.GroupNorm(num_groups=4).init(jax.random.key(0), x)
   """
   num_groups: Optional[int] = None
   group_size: Optional[int] = None
@@ -72,10 +81,13 @@ class GroupNorm(_FeatureNorm):
   stats_method: str = "shifted"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
 
   def _config(self):
-    return fn_lib.FeatureNormConfig("group", self.reduction_axes, self.axis, self.num_groups,
-                                    self.group_size, **_fields(self, _COMMON))
+    return fn_lib.FeatureNormConfig(kind="group", reduction_axes=self.reduction_axes,
+                                    feature_axes=self.axis, num_groups=self.num_groups,
+                                    group_size=self.group_size, **_fields(self, _COMMON))
 
 
 class InstanceNorm(_FeatureNorm):
@@ -83,7 +95,7 @@ class InstanceNorm(_FeatureNorm):
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
-    >>> variables = njl.InstanceNorm().init(jax.random.key(0), jnp.ones((2, 4, 4, 3)), training=False)
+    >>> variables = njl.InstanceNorm().init(jax.random.key(0), jnp.ones((2, 4, 4, 3)))
   """
   axis: int = -1
   reduction_axes: Any = None
@@ -93,12 +105,14 @@ class InstanceNorm(_FeatureNorm):
   stats_method: str = "shifted"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
 
   def _config(self):
     if not isinstance(self.axis, int):
       raise ValueError(f"axis={self.axis!r}: InstanceNorm takes a single channel axis (an int)")
-    return fn_lib.FeatureNormConfig("instance", self.reduction_axes, self.axis,
-                                    **_fields(self, _COMMON))
+    return fn_lib.FeatureNormConfig(kind="instance", reduction_axes=self.reduction_axes,
+                                    feature_axes=self.axis, **_fields(self, _COMMON))
 
 
 class RMSNorm(_FeatureNorm):
@@ -106,7 +120,7 @@ class RMSNorm(_FeatureNorm):
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
-    >>> variables = njl.RMSNorm().init(jax.random.key(0), jnp.ones((2, 3)), training=False)
+    >>> variables = njl.RMSNorm().init(jax.random.key(0), jnp.ones((2, 3)))
   """
   reduction_axes: Any = -1
   feature_axes: Any = -1
@@ -115,8 +129,9 @@ class RMSNorm(_FeatureNorm):
   stats_method: str = "shifted"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones
 
   def _config(self):
-    return fn_lib.FeatureNormConfig("rms", self.reduction_axes, self.feature_axes, None, None,
-                                    self.epsilon, self.use_scale, False, self.stats_method, self.dtype,
-                                    self.param_dtype)
+    return fn_lib.FeatureNormConfig(kind="rms", reduction_axes=self.reduction_axes,
+                                    feature_axes=self.feature_axes, use_bias=False,
+                                    **_fields(self, _COMMON[:2] + _COMMON[3:]))

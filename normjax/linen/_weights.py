@@ -1,11 +1,12 @@
 """linen layers with reparametrized kernels: weight-standardized Conv, weight-normed and spectral-normed
 Dense. The kernel transforms are the pure `normjax` ones; these modules only hold the variables."""
 
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from normjax._src import modes
 from normjax._src import transform
 from normjax._src import weights as weights_lib
 
@@ -100,7 +101,9 @@ class SpectralNormDense(nn.Module):
   """Dense layer with a spectrally normalized kernel `W / σ(W)` (`normjax.spectral_norm`).
 
   The kernel is in `params`; the power-iteration state (`u`, `sigma`) in the `batch_stats` collection,
-  updated only when `training=True` and the collection is mutable.
+  updated only in training mode and when the collection is mutable. The mode is chosen as for
+  `normjax.linen.BatchNorm`: exactly one of the field `use_running_average`, the `__call__` argument
+  `use_running_average`, or `training`.
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
@@ -109,6 +112,7 @@ class SpectralNormDense(nn.Module):
     >>> y, _ = layer.apply(variables, jnp.ones((2, 3)), training=True, mutable=["batch_stats"])
   """
   features: int
+  use_running_average: Optional[bool] = None
   use_bias: bool = True
   n_power_iterations: int = 1
   epsilon: float = 1e-12
@@ -116,7 +120,9 @@ class SpectralNormDense(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x, *, training: bool):
+  def __call__(self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None):
+    training = modes.merge_linen(self.use_running_average, use_running_average, training,
+                                 layer=type(self).__name__)
     sn = weights_lib.spectral_norm(n_power_iterations=self.n_power_iterations, epsilon=self.epsilon)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     u = self.variable("batch_stats", "u", lambda: sn.init(kernel, self.make_rng("params"))[1].u)

@@ -123,7 +123,7 @@ def recalibrate_batch_stats(apply_fn: Callable[..., Any], variables, batches: It
     >>> model = njl.BatchNorm()
     >>> batches = [jax.random.normal(jax.random.key(i), (8, 3)) for i in range(4)]
     >>> variables = model.init(jax.random.key(0), batches[0], training=False)
-    >>> variables = normjax.recalibrate_batch_stats(model.apply, variables, batches)
+    >>> variables = normjax.linen.recalibrate_batch_stats(model.apply, variables, batches)
     >>> bool(jnp.allclose(variables["batch_stats"]["mean"], jnp.concatenate(batches).mean(0), atol=1e-6))
     True
 
