@@ -33,7 +33,7 @@ class BatchNorm(nn.Module):
 
   Fields are flax's (`use_running_average`, `axis`, `momentum`, `epsilon`, `dtype`, `param_dtype`,
   `use_bias`, `use_scale`, `bias_init`, `scale_init`, `axis_name`, `axis_index_groups`,
-  `use_fast_variance`) followed by every other option of `normjax.batch_norm` (see its docstring).
+  `use_fast_variance`, `force_float32_reductions` — normjax always reduces in float32) followed by every other option of `normjax.batch_norm` (see its docstring).
   Differences from flax: statistics default to normjax's accurate one-pass method (`use_fast_variance=True`
   or `stats_method="fast"` gives flax's E[x²]−E[x]²), and `dtype=None` means the input's dtype (flax
   promotes the input and parameter dtypes).
@@ -72,6 +72,7 @@ class BatchNorm(nn.Module):
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: Optional[bool] = None
+  force_float32_reductions: bool = True
   debias: bool = False
   unbiased_running_var: bool = False
   stats_method: str = "shifted"
@@ -85,6 +86,9 @@ class BatchNorm(nn.Module):
   def _config(self, **overrides) -> bn_lib.BatchNormConfig:
     options = {f.name: getattr(self, f.name) for f in dataclasses.fields(bn_lib.BatchNormConfig)}
     options["stats_method"] = modes.stats_method_from_flax(self.use_fast_variance, self.stats_method)
+    if modes.check_flag(self.force_float32_reductions, "force_float32_reductions") is False:
+      raise ValueError("force_float32_reductions=False: normjax always reduces in float32 (float64 for "
+                       "float64 input); leave it True")
     return bn_lib.BatchNormConfig(**{**options, **overrides})
 
   def _variables(self, config, feature_shape):
