@@ -169,7 +169,9 @@ def test_batch_renorm_matches_paper_equations_over_steps(r_max, d_max):
     np.testing.assert_allclose(dparams["scale"], want_dscale, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dparams["bias"], want_dbias, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new_state.mean, 0.7 * np.asarray(state.mean) + 0.3 * mean, rtol=1e-5)
-    np.testing.assert_allclose(new_state.var, 0.7 * np.asarray(state.var) + 0.3 * var, rtol=1e-5)
+    # Ioffe 2017, Alg. 1: the moving average is of σ = sqrt(σ² + ε); the state keeps σ² − ε
+    sigma = 0.7 * np.sqrt(np.asarray(state.var, np.float64) + EPS) + 0.3 * np.sqrt(var + EPS)
+    np.testing.assert_allclose(new_state.var, sigma**2 - EPS, rtol=1e-5)
     state = new_state
 
 
@@ -185,7 +187,11 @@ def test_renorm_with_unit_clipping_equals_batch_norm():
   np.testing.assert_allclose(dx1, dx2, rtol=1e-6, atol=1e-6)
   for k in ("scale", "bias"):
     np.testing.assert_allclose(dp1[k], dp2[k], rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(s1.var, s2.var, rtol=1e-7)
+  np.testing.assert_allclose(s1.mean, s2.mean, rtol=1e-7)
+  batch_var = x.astype(np.float64).var((0, 1))  # renorm averages σ, plain BN σ²: the states differ
+  sigma = 0.99 * np.sqrt(9.0 + EPS) + 0.01 * np.sqrt(batch_var + EPS)
+  np.testing.assert_allclose(s2.var, sigma**2 - EPS, rtol=1e-6)
+  np.testing.assert_allclose(s1.var, 0.99 * 9.0 + 0.01 * batch_var, rtol=1e-6)
 
 
 def test_renorm_paper_schedule():

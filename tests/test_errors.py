@@ -84,7 +84,7 @@ def test_a_single_element_per_statistics_group_when_training(options, shape):
 def test_training_flag_must_be_a_python_bool():
   bn = normjax.batch_norm()
   params, state = bn.init(X)
-  with pytest.raises(TypeError, match="training=.* must be a Python bool"):
+  with pytest.raises(TypeError, match="training=.* must be a Python or NumPy bool"):
     jax.jit(lambda t: bn.apply(params, state, jnp.ones((8, 4, 3)), training=t))(True)
 
 

@@ -3,9 +3,10 @@
 See `batch_norm` for the options and the README's semantics table for how they map onto PyTorch, flax,
 Haiku and Keras.
 
-Training-mode gradients use the closed-form BatchNorm backward of `fused_batch_norm` (one reduction
-and one elementwise pass, only `x` kept for the backward); the values are those of autodiff through
-`moments`. Pure forward-mode AD (`jax.jvp`) through training needs `fused_batch_norm.disabled()`.
+Training-mode derivatives use the closed-form rule of `fused_batch_norm` (a `jax.custom_jvp`): forward
+mode (`jax.jvp`, `jax.jacfwd`), reverse mode and higher orders (`jax.hessian`) all work; reverse mode
+is one reduction and one elementwise pass and keeps only `x`. The values are those of autodiff through
+`moments`.
 """
 
 import dataclasses
@@ -14,7 +15,9 @@ import math
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
+from jax.experimental import checkify
 import jax.numpy as jnp
+import numpy as np
 
 from normjax._src import collectives
 from normjax._src import fused_batch_norm
@@ -54,12 +57,16 @@ class BatchNormConfig:
   renorm: bool = False
   r_max: renorm_lib.ScalarOrSchedule = 3.0
   d_max: renorm_lib.ScalarOrSchedule = 5.0
+  check_finite: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
     validation.check_momentum(self.momentum)
     validation.check_positive(self.epsilon, "epsilon")
+    if self.momentum is not None:  # NumPy / JAX scalars become Python floats: the config stays hashable
+      object.__setattr__(self, "momentum", float(self.momentum))
+    object.__setattr__(self, "epsilon", float(self.epsilon))
     if self.stats_method not in stats.METHODS:
       raise ValueError(f"stats_method={self.stats_method!r} must be one of {stats.METHODS}")
     if self.debias and self.momentum is None:
@@ -69,6 +76,9 @@ class BatchNormConfig:
       raise ValueError(f"ghost_batch_size={g!r} must be an int >= 2 (or None for the whole batch)")
     if self.ghost_grouping not in GHOST_GROUPINGS:
       raise ValueError(f"ghost_grouping={self.ghost_grouping!r} must be one of {GHOST_GROUPINGS}")
+    if not isinstance(self.check_finite, (bool, np.bool_)):
+      raise TypeError(f"check_finite={self.check_finite!r} must be a bool")
+    object.__setattr__(self, "check_finite", bool(self.check_finite))
     if self.axis_name is None and self.axis_index_groups is not None:
       raise ValueError("axis_index_groups needs axis_name to be set")
     collectives.check_axis_index_groups(self.axis_index_groups)
@@ -120,17 +130,33 @@ def check_variables(config, params, state, feature_shape):
   validation.check_array(state.count, (), jnp.int32, "state.count")
 
 
+def _group(config, a):
+  """`a` with its batch axis 0 split into (groups, ghost_batch_size): group j is
+  rows j·g … j·g + g − 1 ("consecutive") or rows j, j + n/g, j + 2n/g, … ("strided")."""
+  n, g = a.shape[0], config.ghost_batch_size
+  if config.ghost_grouping == "consecutive":
+    return a.reshape((n // g, g) + a.shape[1:])
+  return jnp.swapaxes(a.reshape((g, n // g) + a.shape[1:]), 0, 1)  # tf-keras' [g, -1] + shape[1:]
+
+
 def _grouped(config, x, mask):
-  """Reshapes the batch axis 0 into (groups, ghost_batch_size); one group without ghost batches."""
+  """Splits the batch axis 0 into (groups, ghost_batch_size) as `_group`; one group without ghost
+  batches. The rank-matched `mask` is split alike (broadcast along axis 0 first)."""
   g = config.ghost_batch_size
   if g is None:
     return x[None], None if mask is None else mask[None]
   if x.shape[0] % g:
     raise ValueError(f"ghost_batch_size={g} must divide the batch size {x.shape[0]} along axis 0")
-  shape = (x.shape[0] // g, g) + x.shape[1:]
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:]).reshape(shape[:2] + mask.shape[1:])
-  return x.reshape(shape), mask
+    mask = _group(config, jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:]))
+  return _group(config, x), mask
+
+
+def _ungrouped(config, y, shape):
+  """The inverse of `_grouped` for an output `y` of the grouped shape."""
+  if config.ghost_batch_size is not None and config.ghost_grouping == "strided":
+    y = jnp.swapaxes(y, 0, 1)
+  return y.reshape(shape)
 
 
 def _group_size_over_devices(config) -> int:
@@ -151,11 +177,40 @@ def _check_group_count(config, xg, reduce_axes):
 
 
 def _running_targets(config, mean, var, count):
-  """Per-feature batch statistics for the running update: count-weighted average over groups."""
+  """Per-feature batch statistics for the running update: the count-weighted average over groups (with
+  equal counts, i.e. without a mask, tf-keras' plain mean over virtual batches), and the total count."""
   if config.unbiased_running_var:
     var = jnp.where(count > 1, var * count / jnp.maximum(count - 1.0, 1.0), var)
-  weight = count / jnp.maximum(jnp.sum(count, axis=0, keepdims=True), 1.0)
-  return jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0)
+  total = jnp.sum(count, axis=0)
+  weight = count / jnp.maximum(total, 1.0)
+  return jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0), total
+
+
+def _check_finite(batch_mean, batch_var, total):
+  """`checkify.check` that every feature with a valid element has finite batch statistics."""
+  bad = ((total > 0) & ~(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var))).ravel()
+  checkify.check(~jnp.any(bad), "normjax batch_norm: the batch statistics of {count} feature(s) are "
+                 "not finite (the first at flat feature index {first}); their running statistics keep "
+                 "their previous values", count=jnp.sum(bad), first=jnp.argmax(bad))
+
+
+def _updated_state(config, state, batch_mean, batch_var, total):
+  """The running statistics after a training step (Ioffe & Szegedy 2015; Ioffe 2017 Alg. 1 for renorm).
+
+  A feature with no valid element (`total == 0`) or whose new values would not be finite keeps its
+  previous running values; the count advances when at least one feature was updated.
+  """
+  options = dict(momentum=config.momentum, debias=config.debias)
+  mean = running.update(state.mean, batch_mean, state.count, **options)
+  if config.renorm:  # the moving average is of σ = sqrt(var + ε), as the paper and Keras
+    var = renorm_lib.running_var_update(state.var, batch_var, state.count, epsilon=config.epsilon,
+                                        **options)
+  else:
+    var = running.update(state.var, batch_var, state.count, **options)
+  (mean, var), updated = running.select_finite((state.mean, state.var), (mean, var), total > 0)
+  count = state.count + jnp.any(updated).astype(state.count.dtype)
+  return BatchNormState(*(jax.lax.stop_gradient(v.astype(o.dtype))
+                          for v, o in zip((mean, var, count), state)))
 
 
 def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
@@ -167,7 +222,7 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
   """`apply`, also returning the batch's per-feature `(count, mean, var)` (None when not training).
 
   The moments are those of the whole (global, valid) batch, ghost groups merged exactly; population
-  recalibration (`normjax.recalibrate_batch_stats`) accumulates them. Unused, XLA drops them.
+  recalibration (`normjax.linen.recalibrate_batch_stats`) accumulates them. Unused, XLA drops them.
   """
   training = transform.check_training_flag(training)
   validation.check_float_input(x, "x")
@@ -195,25 +250,18 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
     r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
                                   state.count, r_max=config.r_max, d_max=config.d_max,
                                   epsilon=config.epsilon)
-  if fused_batch_norm.enabled():  # same forward; closed-form backward (one reduction + one pass)
-    y = fused_batch_norm.normalize_training(
-        xg, mask_g, scale, bias, r, d, reduce_axes=reduce_axes, axis_name=config.axis_name,
-        axis_index_groups=config.axis_index_groups, method=config.stats_method,
-        epsilon=config.epsilon, dtype=dtype)
-  else:  # plain autodiff through `moments` (needed for forward-mode AD)
-    if config.renorm:
-      unit = 1.0 if scale is None else scale.astype(r.dtype)
-      scale, bias = unit * r, (0.0 if bias is None else bias.astype(r.dtype)) + unit * d
-    y = normalize_lib.normalize(xg, mean, var, scale, bias, epsilon=config.epsilon, dtype=dtype)
-  batch_mean, batch_var = _running_targets(config, mean, var, count)
-  update = functools.partial(running.update, count=state.count, momentum=config.momentum,
-                             debias=config.debias)
-  new_state = BatchNormState(update(state.mean, batch_mean.reshape(feature_shape)),
-                             update(state.var, batch_var.reshape(feature_shape)), state.count + 1)
-  new_state = BatchNormState(*(jax.lax.stop_gradient(v.astype(o.dtype)) for v, o in zip(new_state, state)))
+  y = fused_batch_norm.normalize_training(  # closed-form derivatives (forward and reverse mode)
+      xg, mask_g, scale, bias, r, d, reduce_axes=reduce_axes, axis_name=config.axis_name,
+      axis_index_groups=config.axis_index_groups, method=config.stats_method, epsilon=config.epsilon,
+      dtype=dtype)
+  batch_mean, batch_var, batch_total = (v.reshape(feature_shape)
+                                        for v in _running_targets(config, mean, var, count))
+  if config.check_finite:
+    _check_finite(batch_mean, batch_var, batch_total)
+  new_state = _updated_state(config, state, batch_mean, batch_var, batch_total)
   total, full_mean, full_var = stats.merge_moments_along(count, mean, var, axis=0)
   moments = tuple(v.reshape(feature_shape) for v in (total, full_mean, full_var))
-  return y.reshape(x.shape), new_state, moments
+  return _ungrouped(config, y, x.shape), new_state, moments
 
 
 def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, epsilon: float = 1e-5,
@@ -222,13 +270,22 @@ def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, 
                axis_index_groups=None, ghost_batch_size: Optional[int] = None,
                ghost_grouping: str = "consecutive", renorm: bool = False,
                r_max: renorm_lib.ScalarOrSchedule = 3.0, d_max: renorm_lib.ScalarOrSchedule = 5.0,
-               dtype=None, param_dtype=jnp.float32) -> transform.Transform:
+               check_finite: bool = False, dtype=None,
+               param_dtype=jnp.float32) -> transform.Transform:
   """Batch Normalization as a pair of pure functions, with every variant as a composable option.
 
   In training, `y = scale * (x - μ_B) / sqrt(σ²_B + epsilon) + bias` with μ_B, σ²_B the mean and biased
   variance of the batch over every axis but the feature `axis`; the running statistics then move towards
   the batch's. In evaluation (`training=False`) the running statistics replace μ_B and σ²_B and the state
   is returned unchanged.
+
+  Running statistics are never poisoned by one batch. A feature whose batch moments are not finite (a NaN
+  or inf in the batch) keeps its previous running mean and variance; its output still shows the NaN, so
+  the loss reveals it (`check_finite=True` stops at that batch). A feature with no valid element (masked
+  out everywhere) keeps its running values too; `state.count` advances when at least one feature was
+  updated (it is one scalar per layer, so with `debias` or `momentum=None` a feature that skipped a batch
+  is weighted as if it had not). PyTorch and flax have no such guard: one NaN element makes that
+  feature's running statistics NaN for good, and an all-masked batch pulls them towards 0.
 
   Args:
     axis: the feature axis or axes (default -1, channels last). Statistics reduce over all other axes.
@@ -247,15 +304,29 @@ def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, 
       Under plain `jit` with a batch sharded by `NamedSharding`, no axis name is needed: the arrays are
       global and XLA inserts the cross-device reductions itself.
     axis_index_groups: partition of the devices of `axis_name` into groups synchronized separately.
-    ghost_batch_size: split the batch axis 0 into consecutive groups of this size, each normalized by
-      its own statistics (ghost / virtual BN, Hoffer et al. 2017). The running statistics move by the
-      (count-weighted) mean of the groups' means and variances, as tf.keras `virtual_batch_size`.
-      With `axis_name`, group i of every device is pooled.
+    ghost_batch_size: split the batch axis 0 (size n) into n / ghost_batch_size groups of this size g,
+      each normalized by its own statistics (ghost / virtual BN, Hoffer et al. 2017). The running
+      statistics move by the count-weighted mean of the groups' means and variances (without a mask: their
+      plain mean, as tf-keras `virtual_batch_size`). With `axis_name`, group j of every device is pooled.
+    ghost_grouping: which rows form a group. "consecutive" (default, Hoffer et al.): group j is rows
+      j·g … j·g + g − 1. "strided" (tf-keras `virtual_batch_size`, which reshapes the batch to
+      `[g, n/g, ...]` and reduces over the first axis): group j is rows j, j + n/g, j + 2n/g, …; with it
+      normjax reproduces tf-keras' outputs and moving statistics. Keras 3 has no virtual batches.
     renorm: Batch Renormalization (Ioffe 2017): `y = γ((x−μ_B)/σ_B · r + d) + β` with
-      `r = sg(clip(σ_B/σ, 1/r_max, r_max))`, `d = sg(clip((μ_B−μ)/σ, −d_max, d_max))`, σ from the running
-      variance before this step's update.
+      `r = sg(clip(σ_B/σ, 1/r_max, r_max))`, `d = sg(clip((μ_B−μ)/σ, −d_max, d_max))`, μ and
+      σ = sqrt(var + ε) the running statistics before this step's update. As in the paper's Algorithm 1
+      the moving average is taken of σ_B = sqrt(σ²_B + ε), not of σ²_B, and the state keeps
+      var = σ² − ε, so inference is unchanged. This is Keras' `BatchNormalization(renorm=True)` with
+      `renorm_momentum=momentum`, `renorm_clipping={"rmin": 1/r_max, "rmax": r_max, "dmax": d_max}` and
+      the same epsilon, step by step (Keras starts its moving σ at 1, normjax at sqrt(1 + ε)). `debias`
+      and `momentum=None` average σ the same way; with `unbiased_running_var`, σ_B uses the
+      Bessel-corrected variance. With ghost batches, r and d are per group (tf-keras computes them from
+      the groups' averaged moments).
     r_max, d_max: renorm clip limits, numbers or schedules of the step count (`state.count`);
       `normjax.batch_renorm_paper_schedule()` gives the paper's.
+    check_finite: when training, `jax.experimental.checkify.check` that every feature with a valid
+      element has finite batch statistics, so a training loop can stop at the first non-finite batch.
+      Functionalize the step with `checkify.checkify(step)` (required under `jit`), then `err.throw()`.
     dtype: output dtype (default: the input's). Statistics and arithmetic are float32 (float64 for
       float64 input); the running statistics are stored in float32 always.
     param_dtype: dtype of `scale` and `bias` (default float32).
@@ -263,14 +334,16 @@ def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, 
   Returns:
     A `Transform` with `init(x) -> (params, state)` and
     `apply(params, state, x, *, training, mask=None) -> (y, new_state)`; `params` is a dict with
-    `scale` and `bias` of the feature shape, `state` a `BatchNormState`.
+    `scale` and `bias` of the feature shape, `state` a `BatchNormState`. `mask` (boolean, True = valid)
+    has x's rank with each dimension 1 or x's, or is 1-D of shape `(x.shape[0],)` (one flag per
+    example along axis 0); masked elements do not count in the statistics.
 
   Raises:
     ValueError: bad options (momentum outside [0, 1), ghost_batch_size < 2, r_max < 1, d_max < 0, ...);
       at trace time: an axis out of range, a ghost batch size that does not divide the batch, a mask
-      that does not broadcast, params/state that do not match `x`, or a single element per feature in a
-      statistics group when training.
-    TypeError: integer or boolean `x`, a non-boolean mask, or a non-bool `training`.
+      of another rank (other than a 1-D per-example mask) or that does not broadcast, params/state that
+      do not match `x`, or a single element per feature in a statistics group when training.
+    TypeError: integer or boolean `x`, a non-boolean mask, a non-bool `training` or `check_finite`.
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax

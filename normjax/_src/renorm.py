@@ -1,10 +1,13 @@
-"""Batch Renormalization corrections (Ioffe 2017, arXiv:1702.03275) and the paper's clipping schedule."""
+"""Batch Renormalization (Ioffe 2017, arXiv:1702.03275): the corrections r and d, the running
+statistics of Algorithm 1 (moving averages of μ and σ), and the paper's clipping schedule."""
 
-from typing import Callable, NamedTuple, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from normjax._src import running
 
 ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
 
@@ -52,7 +55,8 @@ def corrections(batch_mean, batch_var, running_mean, running_var, step, *, r_max
                 d_max: ScalarOrSchedule, epsilon: float):
   """`r = clip(σ_B/σ, 1/r_max, r_max)` and `d = clip((μ_B−μ)/σ, −d_max, d_max)`, without gradient.
 
-  σ_B = sqrt(batch_var + ε) and σ = sqrt(running_var + ε). Then
+  σ_B = sqrt(batch_var + ε) and σ = sqrt(running_var + ε), the moving σ of Algorithm 1 (the running
+  variance stores σ² − ε, see `running_var_update`). Then
   `γ·((x−μ_B)/σ_B·r + d) + β = (x−μ_B)·(γ r)/σ_B + (γ d + β)`, so renorm is plain normalization with the
   scale multiplied by `r` and `γ d` added to the bias.
   """
@@ -61,3 +65,42 @@ def corrections(batch_mean, batch_var, running_mean, running_var, step, *, r_max
   r = jnp.clip(jnp.sqrt(batch_var + epsilon) / sigma, 1.0 / r_limit, r_limit)
   d = jnp.clip((batch_mean - running_mean) / sigma, -d_limit, d_limit)
   return jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
+
+
+def running_var_update(old_var: jax.Array, batch_var: jax.Array, count: jax.Array, *,
+                       momentum: Optional[float], debias: bool, epsilon: float) -> jax.Array:
+  """The running variance after one batch, with the moving average taken of σ, not of σ².
+
+  Ioffe 2017, Algorithm 1, keeps moving averages of μ_B and of σ_B = sqrt(σ²_B + ε):
+  `σ ← σ + (1 − momentum)(σ_B − σ)`. The state stores the variance `σ² − ε` (clipped at 0), so
+  inference, `sqrt(var + ε) = σ`, and the corrections r and d (which read σ from the running variance)
+  see exactly the averaged σ. This is Keras' `BatchNormalization(renorm=True)` (tf-keras and Keras ≥ 3.14
+  keep a `moving_stddev` variable for it) when its `renorm_momentum` equals `momentum`.
+
+  The average itself is `running.update` applied to σ: an EMA, the zero-debiased EMA (`debias=True`) or
+  the cumulative average (`momentum=None`) of the batches' σ_B. With `unbiased_running_var`, the batch
+  variance passed in is already Bessel-corrected, so σ_B = sqrt(n/(n−1) σ²_B + ε).
+
+  Args:
+    old_var: the running variance before this batch (f32, feature shape).
+    batch_var: the batch variance to average in (the count-weighted mean over ghost groups).
+    count: the number of updates applied so far (i32 scalar).
+    momentum: weight of the old value, or None for the cumulative average.
+    debias: Haiku's zero-debiased EMA.
+    epsilon: the ε inside the square roots.
+
+  Returns:
+    The new running variance `max(σ² − ε, 0)`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import renorm
+    >>> var = renorm.running_var_update(jnp.array([3.0]), jnp.array([15.0]), jnp.array(0), momentum=0.5,
+    ...                                 debias=False, epsilon=1.0)
+    >>> float(var[0])  # σ: 2 and 4 average to 3, so var = 3² − 1
+    8.0
+  """
+  sigma = jnp.sqrt(old_var + epsilon)
+  batch_sigma = jnp.sqrt(batch_var + epsilon)
+  sigma = running.update(sigma, batch_sigma, count, momentum=momentum, debias=debias)
+  return jnp.maximum(sigma * sigma - epsilon, 0.0)

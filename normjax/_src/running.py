@@ -2,10 +2,13 @@
 
 Convention: `momentum` is the weight of the old value (flax/Keras); PyTorch's `momentum` is
 `1 - momentum` here. Each function maps (old running value, batch value, number of updates so far) to the
-new running value and is applied leaf by leaf to the mean and the variance.
+new running value and is applied leaf by leaf to the mean and the variance (to the standard deviation
+σ = sqrt(var + ε) instead of the variance under Batch Renormalization, see `renorm.running_var_update`).
+`select_finite` then keeps the previous values of features that had no valid element or would become
+non-finite.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,3 +44,35 @@ def update(old: jax.Array, new: jax.Array, count: jax.Array, *, momentum: Option
   if debias:
     return debiased_ema(old, new, momentum, count)
   return ema(old, new, momentum)
+
+
+def select_finite(old: Tuple[jax.Array, ...], new: Tuple[jax.Array, ...],
+                  valid: jax.Array) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
+  """Per feature, the `new` running values where `valid` and all of them finite; the `old` ones elsewhere.
+
+  This is what keeps running statistics from being poisoned by one batch: a feature with no valid element
+  (`valid` False: masked out everywhere) or whose updated values are not finite (NaN or ±inf in the
+  batch, or an overflow) keeps its previous running values. PyTorch and flax have no such guard: one
+  NaN element makes that feature's running mean and variance NaN for every later step.
+
+  Args:
+    old: the previous running values, e.g. `(mean, var)`, each of the feature shape.
+    new: the updated running values, same shapes.
+    valid: boolean, broadcastable to the feature shape: whether the batch had a valid element there.
+
+  Returns:
+    `(selected, updated)`: the tuple of running values to store, and the boolean mask of the features
+    that took their new values.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import running
+    >>> (mean,), updated = running.select_finite((jnp.zeros(3),), (jnp.array([1.0, jnp.nan, 2.0]),),
+    ...                                          jnp.array([True, True, False]))
+    >>> mean.tolist(), updated.tolist()
+    ([1.0, 0.0, 0.0], [True, False, False])
+  """
+  updated = jnp.asarray(valid, bool)
+  for value in new:
+    updated = updated & jnp.isfinite(value)
+  return tuple(jnp.where(updated, n, o) for o, n in zip(old, new)), updated

@@ -50,7 +50,8 @@ def moments(x: jax.Array,
   Args:
     x: floating-point array (float16, bfloat16, float32 or float64).
     axes: the axis or axes to reduce over.
-    mask: optional boolean array broadcastable to `x`; only True elements count.
+    mask: optional boolean array of x's rank (each dimension 1 or x's) or 1-D `(x.shape[0],)` (one flag
+      per example); only True elements count.
     axis_name: name of a mapped axis (`shard_map`, `pmap`, `vmap`) over which to reduce as well.
     axis_index_groups: optional partition of the devices of `axis_name` into groups, each reduced alone.
     method: "shifted" (default, accurate one pass), "two_pass", or "fast" (flax's E[x²]−E[x]²).
