@@ -53,6 +53,7 @@ def get_datasets(config) -> Tuple[Sequence[Dict[str, Any]], Sequence[Dict[str, A
     if not builder.is_prepared():
       raise FileNotFoundError(f"tfds catalog dataset {name!r} is not prepared under {config.cache_dir!r}; "
                               "prepare it (ArrayRecord format) beforehand: experiments never download.")
+    tfds_builders.check_prepared(builder)
   else:
     data_dir = config.get("data_dir") or None
     # One process prepares; the others wait, then read the same files.
@@ -95,7 +96,13 @@ def _local_rows(global_batch_size: int) -> slice:
 
 
 def _read_batch(source, indices: np.ndarray) -> Dict[str, np.ndarray]:
-  records = source.__getitems__([int(i) for i in indices])
+  try:
+    records = source.__getitems__([int(i) for i in indices])
+  except RuntimeError as e:  # ArrayRecord / Riegeli: a file of the prepared dataset is damaged
+    where = getattr(getattr(source, "dataset_info", None), "data_dir", "the prepared dataset")
+    raise tfds_builders.DataFormatError(
+        f"{where}: reading examples {int(indices[0])}..{int(indices[-1])} failed ({e}); the prepared files are "
+        f"damaged: delete {where} and run again to prepare it anew") from e
   return {"image": np.stack([r["image"] for r in records]),
           "label": np.asarray([r["label"] for r in records], np.int32)}
 

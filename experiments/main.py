@@ -52,11 +52,15 @@ def main(argv):
   from experiments import train  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
-  if config.get("compare"):
-    compare.run_comparison(config, workdir)
-  else:
-    result = train.train_and_evaluate(config, workdir)
-    print(compare.format_table({config.name: result}))
+  from experiments import config_checks  # pylint: disable=g-import-not-at-top
+  try:
+    if config.get("compare"):
+      compare.run_comparison(config, workdir)
+    else:
+      result = train.train_and_evaluate(config, workdir)
+      print(compare.format_table({config.name: result}))
+  except (FloatingPointError, config_checks.ConfigError) as e:  # say what to do, without a traceback
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ r"""Runs a study of experiments/studies (its runs × seeds), then writes its tab
 
   python -m experiments.run_study --study bn_cifar_cnn                 # the reduced CPU scale of RESULTS.md
   python -m experiments.run_study --study small_batch --scale full     # the paper's setting, for a GPU
-  python -m experiments.run_study --study all --shard 0/2 --no-summary # two workers share the runs
+  python -m experiments.run_study --study all --shard 0/2 --nosummary  # two workers share the runs
   python -m experiments.run_study --study all                          # then summarize every study
 
 Runs live in `<workdir>/runs/<run>/seed_<k>` and are skipped when their `final_metrics.json` exists (an
@@ -11,7 +11,7 @@ interrupted run resumes from its checkpoint). Each study writes `<workdir>/<stud
 """
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from absl import app
 from absl import flags
@@ -22,6 +22,18 @@ _SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "full", "smoke"], "Which scal
 _WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Where runs, tables and plots go.")
 _SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th pending run, starting at the i-th.")
 _SUMMARY = flags.DEFINE_bool("summary", True, "Write the tables and plots (needs every run finished).")
+
+
+def parse_shard(value: str) -> Tuple[int, int]:
+  """`"i/n"` → `(i, n)` with `0 <= i < n`; raises `app.UsageError` naming the value otherwise."""
+  parts = value.split("/")
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    raise app.UsageError(f"--shard={value!r}: expected i/n, e.g. 0/2 and 1/2 for two workers")
+  index, count = int(parts[0]), int(parts[1])
+  if not 0 <= index < count:
+    raise app.UsageError(f"--shard={value!r}: expected 0 <= i < n (shards are numbered from 0: "
+                         f"{', '.join(f'{k}/{count}' for k in range(count)) or 'none for n=0'})")
+  return index, count
 
 
 def run_all(study, workdir: str, shard=(0, 1)):
@@ -75,7 +87,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from experiments import studies  # pylint: disable=g-import-not-at-top
   names = list(studies.STUDIES) if _STUDY.value == "all" else [_STUDY.value]
-  shard = tuple(int(v) for v in _SHARD.value.split("/"))
+  shard = parse_shard(_SHARD.value)
   for name in names:
     study = studies.get_study(name, _SCALE.value)
     results = run_all(study, _WORKDIR.value, shard)

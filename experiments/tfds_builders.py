@@ -20,6 +20,8 @@ Example:
   >>> train = b.as_data_source(split="train")  # random access, no TensorFlow
 """
 
+import contextlib
+import fcntl
 import gzip
 import os
 import struct
@@ -231,13 +233,17 @@ BUILDERS = {
 def prepare(dataset: str, *, source_dir: str = None, cache_dir: str) -> tfds.core.DatasetBuilder:
   """Prepares (once; later calls reuse the cache) one of `BUILDERS` and returns its builder.
 
+  Runs that share `cache_dir` may call this at the same time: preparation holds an exclusive lock on
+  `<cache_dir>/<builder name>.lock`, so one run prepares while the others wait, then reuse its files.
+  The prepared files are then checked (`check_prepared`).
+
   Args:
     dataset: a key of `BUILDERS`.
     source_dir: the directory holding the original files (unused for "digits").
     cache_dir: where the prepared ArrayRecord dataset is written (tfds `data_dir`).
 
   Raises:
-    KeyError: unknown dataset. FileNotFoundError / DataFormatError: see the readers.
+    KeyError: unknown dataset. FileNotFoundError / DataFormatError: see the readers and `check_prepared`.
   """
   if dataset not in BUILDERS:
     raise KeyError(f"dataset={dataset!r}: expected one of {sorted(BUILDERS)} or 'tfds:<catalog name>'")
@@ -248,8 +254,54 @@ def prepare(dataset: str, *, source_dir: str = None, cache_dir: str) -> tfds.cor
   if source_dir and not os.path.isdir(source_dir):
     raise FileNotFoundError(f"{source_dir}: missing; expected the directory of the original {dataset} files. "
                             f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-  builder = cls(data_dir=cache_dir)
-  download_config = tfds.download.DownloadConfig(manual_dir=source_dir or None,
-                                                 download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=download_config)
+  os.makedirs(cache_dir, exist_ok=True)
+  with cache_lock(os.path.join(cache_dir, f"{cls.name}.lock")):
+    builder = cls(data_dir=cache_dir)  # made under the lock: it reads what another run may have just written
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=source_dir or None, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(download_config=download_config)
+  check_prepared(builder)
   return builder
+
+
+@contextlib.contextmanager
+def cache_lock(path: str) -> Iterator[None]:
+  """Holds an exclusive `fcntl.flock` on `path` (created if needed); waits, saying so, while another holds it."""
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another run preparing the dataset ({path} is locked)", flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_prepared(builder: tfds.core.DatasetBuilder) -> None:
+  """Opens every prepared ArrayRecord file of `builder` and checks its record count against the dataset info.
+
+  Cheap (each file's index is read, not its records); catches truncated or missing files.
+
+  Raises:
+    DataFormatError: a file that is missing, unreadable or holds another number of records, naming the file
+      and the fix (delete the prepared copy; the next run prepares it anew).
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  fix = (f"delete {builder.data_dir} (the prepared copy; original files are not touched) and run again to "
+         "prepare it anew")
+  for split in builder.info.splits.values():
+    for name, expected in zip(split.filenames, split.shard_lengths):
+      path = os.path.join(builder.data_dir, name)
+      if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing from the prepared dataset; {fix}")
+      try:
+        reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+        count = reader.num_records()
+        reader.close()
+      except (RuntimeError, ValueError, OSError) as e:
+        raise DataFormatError(f"{path}: the prepared file is corrupt ({e}); {fix}") from e
+      if count != expected:
+        raise DataFormatError(f"{path}: the prepared file holds {count} records, expected {expected} "
+                              f"(truncated?); {fix}")

@@ -1,10 +1,12 @@
 """Runs one training job in its own process for the experiments tests (kill-and-resume, multi-host).
 
-Usage: python tests/experiments_driver.py CONFIG_JSON WORKDIR OUT_NPZ [--sleep S] [--process_id I
-       --num_processes N --port P]
+Usage: python tests/experiments_driver.py CONFIG_JSON WORKDIR OUT_NPZ [--sleep S] [--kill_in_save STEP]
+       [--process_id I --num_processes N --port P]
 
 Set XLA_FLAGS (device count) in the environment before starting it. The final params and batch_stats are
 saved to OUT_NPZ by process 0. `--sleep` slows each step down so that a test can kill the run mid-way.
+`--kill_in_save STEP` kills the process (SIGKILL) while it saves checkpoint STEP: its files are written,
+its atomic rename is not done.
 """
 
 import argparse
@@ -16,6 +18,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _kill_in_save(step: int) -> None:
+  """Makes Orbax SIGKILL this process when it is about to rename checkpoint `step` into place."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def killing_finalize(self, *a, **k):
+    if self.get_final().name == str(step):
+      print(f"KILLED in the save of step {step}", flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await finalize(self, *a, **k)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("config_json")
@@ -25,6 +42,7 @@ def main():
   parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--port", type=int, default=None)
+  parser.add_argument("--kill_in_save", type=int, default=None)
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -49,6 +67,8 @@ def main():
         yield batch
 
     input_pipeline.prefetch = slow  # train.py looks it up at call time
+  if args.kill_in_save is not None:
+    _kill_in_save(args.kill_in_save)
   state, result = train.train_and_evaluate_with_state(ml_collections.ConfigDict(config), args.workdir)
   host = train.to_host({"params": state.params, "batch_stats": state.batch_stats})
   if jax.process_index() == 0:

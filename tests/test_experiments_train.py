@@ -99,8 +99,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_cache, tmp_path, mon
     return original(batch, sharding)
 
   monkeypatch.setattr(train, "_global_batch", poisoned)
-  with pytest.raises(FloatingPointError, match=r"training loss is nan at step 7: stopping. The last good "
-                                               r"checkpoint \(step 4\)"):
+  with pytest.raises(FloatingPointError, match=r"training diverged at step 7: the training loss is nan; stopped. "
+                                               r"Every saved checkpoint is finite; the last is step 4 in "):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 

@@ -55,5 +55,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.checkpoint_every = 0  # 0: final checkpoint only; -1: none
   c.keep_checkpoints = 2
   c.async_checkpointing = True
+  c.restore_from = ""  # "<workdir>:<step>": a new work directory starts from that checkpoint (see README)
   c.progress_bar = True
   return c

@@ -127,8 +127,12 @@ def accuracy_table(study: Study, results: Mapping[str, List[RunResult]], labels:
 
 
 def save_json(path: str, value) -> None:
-  with open(path, "w") as f:
+  """Writes atomically (a temporary file, then `os.replace`): a killed run never leaves half a file,
+  which `run_study` would take for a finished run."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
     json.dump(value, f, indent=2)
+  os.replace(tmp, path)
 
 
 def seeds_for(scale: str) -> Sequence[int]:

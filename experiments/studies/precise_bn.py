@@ -4,7 +4,7 @@ Wu & Johnson (arXiv:2105.07576) show that the EMA of batch moments lags the curr
 evaluated with EMA statistics is worse than the same weights evaluated with precise (population)
 statistics, most visibly early in training and with large learning rates; "precise BN" recomputes the
 statistics with the final weights. Study 1's BN runs evaluate both at every evaluation: EMA running
-statistics (momentum 0.9) and statistics recalibrated with `normjax.recalibrate_batch_stats` on
+statistics (momentum 0.9) and statistics recalibrated with `normjax.linen.recalibrate_batch_stats` on
 `recalibrate_steps` training batches.
 """
 
