@@ -176,7 +176,7 @@ def _check_group_count(config, xg, reduce_axes):
         "devices, or training=False")
 
 
-def _running_targets(config, mean, var, count):
+def running_targets(config, mean, var, count):
   """Per-feature batch statistics for the running update: the count-weighted average over groups (with
   equal counts, i.e. without a mask, tf-keras' plain mean over virtual batches), and the total count."""
   if config.unbiased_running_var:
@@ -186,7 +186,7 @@ def _running_targets(config, mean, var, count):
   return jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0), total
 
 
-def _check_finite(batch_mean, batch_var, total):
+def check_finite_moments(batch_mean, batch_var, total):
   """`checkify.check` that every feature with a valid element has finite batch statistics."""
   bad = ((total > 0) & ~(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var))).ravel()
   checkify.check(~jnp.any(bad), "normjax batch_norm: the batch statistics of {count} feature(s) are "
@@ -194,7 +194,7 @@ def _check_finite(batch_mean, batch_var, total):
                  "their previous values", count=jnp.sum(bad), first=jnp.argmax(bad))
 
 
-def _updated_state(config, state, batch_mean, batch_var, total):
+def updated_state(config, state, batch_mean, batch_var, total):
   """The running statistics after a training step (Ioffe & Szegedy 2015; Ioffe 2017 Alg. 1 for renorm).
 
   A feature with no valid element (`total == 0`) or whose new values would not be finite keeps its
@@ -255,10 +255,10 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
       axis_index_groups=config.axis_index_groups, method=config.stats_method, epsilon=config.epsilon,
       dtype=dtype)
   batch_mean, batch_var, batch_total = (v.reshape(feature_shape)
-                                        for v in _running_targets(config, mean, var, count))
+                                        for v in running_targets(config, mean, var, count))
   if config.check_finite:
-    _check_finite(batch_mean, batch_var, batch_total)
-  new_state = _updated_state(config, state, batch_mean, batch_var, batch_total)
+    check_finite_moments(batch_mean, batch_var, batch_total)
+  new_state = updated_state(config, state, batch_mean, batch_var, batch_total)
   total, full_mean, full_var = stats.merge_moments_along(count, mean, var, axis=0)
   moments = tuple(v.reshape(feature_shape) for v in (total, full_mean, full_var))
   return _ungrouped(config, y, x.shape), new_state, moments

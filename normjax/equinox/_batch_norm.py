@@ -166,16 +166,16 @@ def grouped_running_update(config, state, group_moments, count, axis_name):
   against empty or non-finite statistics included. The result does not vary over the axis.
   """
   total, mean, var = (v[None] for v in group_moments)
-  mean, var, _ = bn_lib._running_targets(config, mean, var, total)  # pylint: disable=protected-access
+  mean, var, _ = bn_lib.running_targets(config, mean, var, total)
   count = count.reshape(mean.shape)
   total, weighted_mean, weighted_var = collectives.cross_device_sum(
       (count, count * mean, count * var), axis_name)
   batch_mean = weighted_mean / jnp.maximum(total, 1.0)
   batch_var = weighted_var / jnp.maximum(total, 1.0)
   if config.check_finite:
-    bn_lib._check_finite(batch_mean, batch_var, total)  # pylint: disable=protected-access
+    bn_lib.check_finite_moments(batch_mean, batch_var, total)
   # pylint: disable-next=protected-access
-  return bn_lib._updated_state(config, state, batch_mean, batch_var, total)
+  return bn_lib.updated_state(config, state, batch_mean, batch_var, total)
 
 
 def batch_mode_evaluation_state(state: bn_lib.BatchNormState, momentum: float) -> bn_lib.BatchNormState:
