@@ -5,7 +5,8 @@ For each implementation, from `jax.jit(...).lower(...).compile().memory_analysis
     arrays kept from the forward for the backward (x itself included when kept), minus nothing;
   * fwd+bwd temp MB: XLA's temporary buffers for one function returning (y, new stats, dx, dscale, dbias);
   * argument / output MB of that function.
-Implementations: normjax (fused backward), normjax with plain autodiff (the previous code path),
+Implementations: normjax (closed-form derivative), normjax with plain autodiff through the statistics
+(`closed_form=False`, the previous code path),
 flax.linen.BatchNorm default (fast variance) and two-pass. N = bytes of x is printed alongside.
 
 Usage:
@@ -25,15 +26,17 @@ import jax.numpy as jnp  # noqa: E402
 
 import normjax  # noqa: E402
 from benchmarks import _common  # noqa: E402
-from normjax._src import fused_batch_norm  # noqa: E402
+from benchmarks import op_batch_norm  # noqa: E402
 
 SHAPES = [(56, 56, 64), (28, 28, 512), (7, 7, 2048)]
 
 
-def _normjax_apply(x):
+def _normjax_apply(x, closed_form=True):
   bn = normjax.batch_norm()
   params, state = bn.init(x)
-  return (lambda p, x: bn.apply(p, state, x, training=True)), params
+  if closed_form:
+    return (lambda p, x: bn.apply(p, state, x, training=True)), params
+  return (lambda p, x: op_batch_norm.autodiff_apply(bn, {}, p, state, x)), params
 
 
 def _flax_apply(x, fast):
@@ -74,15 +77,12 @@ def main():
   for dtype_name in args.dtypes.split(","):
     for shape in shapes:
       x = jnp.zeros((batch,) + shape, dtype_name)
-      impls = {"normjax": lambda: _normjax_apply(x), "normjax_autodiff": lambda: _normjax_apply(x),
+      impls = {"normjax": lambda: _normjax_apply(x),
+               "normjax_autodiff": lambda: _normjax_apply(x, closed_form=False),
                "flax": lambda: _flax_apply(x, True), "flax_two_pass": lambda: _flax_apply(x, False)}
       for name, build in impls.items():
         apply, params = build()
-        if name == "normjax_autodiff":
-          with fused_batch_norm.disabled():
-            stats = _analyse(apply, params, x)
-        else:
-          stats = _analyse(apply, params, x)
+        stats = _analyse(apply, params, x)
         row = {"shape": "x".join(map(str, x.shape)), "dtype": dtype_name, "impl": name,
                "x_MB": x.size * x.dtype.itemsize / 1e6, **stats}
         rows.append(row)

@@ -36,7 +36,11 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import normjax  # noqa: E402
 from benchmarks import _common  # noqa: E402
+from normjax._src import batch_norm as batch_norm_lib  # noqa: E402
 from normjax._src import fused_batch_norm  # noqa: E402
+from normjax._src import renorm as renorm_lib  # noqa: E402
+from normjax._src import stats  # noqa: E402
+from normjax._src import validation  # noqa: E402
 
 SHAPES = [(56, 56, 64), (56, 56, 256), (28, 28, 128), (28, 28, 512), (14, 14, 256), (14, 14, 1024),
           (7, 7, 512), (7, 7, 2048)]
@@ -49,16 +53,54 @@ def _options(variant, batch):
           "sync": {"axis_name": AXIS}, "masked": {}}[variant]
 
 
-def _normjax_fns(variant, batch, x):
-  bn = normjax.batch_norm(**_options(variant, batch))
+def autodiff_output(options, params, state, x, mask=None):
+  """normjax's training-mode BatchNorm output differentiated by plain autodiff through the statistics
+  (`normalize_training(..., closed_form=False)`, the code path before the closed form): the same steps as
+  `batch_norm.apply_with_batch_moments`, for before/after comparisons."""
+  config = batch_norm_lib.BatchNormConfig(**options)
+  axes = batch_norm_lib.feature_axes(config, x.ndim)
+  bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+  scale = params["scale"].reshape(bshape) if config.use_scale else None
+  bias = params["bias"].reshape(bshape) if config.use_bias else None
+  xg, mask_g = batch_norm_lib._grouped(  # pylint: disable=protected-access
+      config, x, validation.prepare_mask(mask, x.shape))
+  reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
+  r = d = None
+  if config.renorm:
+    mean, var, _ = stats.moments_and_count(xg, reduce_axes, mask=mask_g, axis_name=config.axis_name,
+                                           axis_index_groups=config.axis_index_groups,
+                                           method=config.stats_method)
+    r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
+                                  state.count, r_max=config.r_max, d_max=config.d_max,
+                                  epsilon=config.epsilon)
+  y = fused_batch_norm.normalize_training(
+      xg, mask_g, scale, bias, r, d, reduce_axes=reduce_axes, axis_name=config.axis_name,
+      axis_index_groups=config.axis_index_groups, method=config.stats_method, epsilon=config.epsilon,
+      dtype=config.dtype or x.dtype, closed_form=False)
+  return y.reshape(x.shape)
+
+
+def autodiff_apply(bn, options, params, state, x, mask=None):
+  """`bn.apply(..., training=True)` with the output from `autodiff_output` (the state is unchanged)."""
+  _, new_state = bn.apply(params, state, x, training=True, mask=mask)
+  return autodiff_output(options, params, state, x, mask), new_state
+
+
+def _normjax_fns(variant, batch, x, closed_form=True):
+  options = _options(variant, batch)
+  bn = normjax.batch_norm(**options)
   params, state = bn.init(x)
+  if closed_form:
+    apply = lambda p, state, x, mask: bn.apply(p, state, x, training=True, mask=mask)
+  else:
+    apply = functools.partial(autodiff_apply, bn, options)
 
   def fwd(params, state, x, dy, mask):
     del dy
-    return bn.apply(params, state, x, training=True, mask=mask)
+    return apply(params, state, x, mask)
 
   def fwd_bwd(params, state, x, dy, mask):
-    f = lambda p, x: bn.apply(p, state, x, training=True, mask=mask)
+    f = lambda p, x: apply(p, state, x, mask)
     y, vjp, new_state = jax.vjp(f, params, x, has_aux=True)
     dparams, dx = vjp(dy)
     return y, new_state, dx, dparams["scale"], dparams["bias"]
@@ -116,7 +158,7 @@ def run(shapes, batch, dtypes, variants, repeats, input_sets, impls):
       for variant in variants:
         m = mask if variant == "masked" else None
         builders = {"normjax": lambda x: _normjax_fns(variant, batch, x),
-                    "normjax_autodiff": lambda x: _normjax_fns(variant, batch, x),
+                    "normjax_autodiff": lambda x: _normjax_fns(variant, batch, x, closed_form=False),
                     "flax": lambda x: _flax_fns(variant, x, True),
                     "flax_two_pass": lambda x: _flax_fns(variant, x, False)}
         for mode in ("fwd", "fwd+bwd"):
@@ -127,11 +169,7 @@ def run(shapes, batch, dtypes, variants, repeats, input_sets, impls):
           for impl in impls:
             fwd, fwd_bwd, params, state = builders[impl](xs[0])
             compiled = _compile(fwd if mode == "fwd" else fwd_bwd, variant, m is not None, mode)
-            fn = functools.partial(compiled, params, state)
-            if impl == "normjax_autodiff":  # trace (and compile) with the fused backward off
-              with fused_batch_norm.disabled():
-                jax.block_until_ready(fn(xs[0], dy, m))
-            fns[impl] = fn
+            fns[impl] = functools.partial(compiled, params, state)
           times = _common.time_interleaved(fns, [(x, dy, m) for x in xs], repeats)
           for impl in impls:
             median, fastest = times[impl]
@@ -158,7 +196,8 @@ def main():
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--shapes", default=None, help="e.g. 56x56x64,7x7x2048 (default: all ResNet-50 shapes)")
   p.add_argument("--impls", default="normjax,flax,flax_two_pass,normjax_autodiff",
-                 help="normjax_autodiff: normjax with the fused backward off (the previous code path)")
+                 help="normjax_autodiff: normjax differentiated by plain autodiff through the statistics "
+                 "(closed_form=False, the previous code path)")
   args = p.parse_args()
   shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
   batch, repeats = args.batch, args.repeats or 20

@@ -1,72 +1,59 @@
-"""The training-mode BatchNorm normalization with a closed-form backward (`jax.custom_vjp`).
+"""Training-mode BatchNorm normalization with a closed-form derivative (`jax.custom_jvp`).
 
 Plain autodiff of `normalize(x, moments(x))` differentiates through the statistics: XLA then runs
 separate reductions for the mean and variance cotangents and keeps several full-size intermediates.
-The closed form needs one reduction pass and one elementwise pass (Ioffe & Szegedy 2015, §3):
+Here the derivative is given in closed form (Ioffe & Szegedy 2015, §3) as a *linear* map of the tangents,
+the JVP rule of a `jax.custom_jvp`:
 
-    S1 = Σ dy,   S2 = Σ dy·x̂                    (one variadic reduction over dy and x)
-    dbias = S1,  dscale = S2                       (renorm: dscale = r·S2 + d·S1)
-    dx = scale·r·rstd · (dy − valid·(S1 + x̂·S2)/n)   (r = 1 without renorm)
+    x̂ = (x − μ)·rstd,   a = scale·r·rstd     (r = 1 without renorm)
+    T1 = Σ valid·dx,    T2 = Σ valid·dx·x̂      (over the reduced axes and the devices)
+    dy = a·(dx − (T1 + x̂·T2)/n) + dscale·(r·x̂ + d) + dbias
 
-where x̂ = (x − μ)·rstd is recomputed from `x` (nothing full-size is saved besides `x`), `n` is the
-valid count and `valid` the mask. The sums in the correction run over every position (a masked-out
-output still depends on the statistics) but the correction only reaches valid inputs, exactly as
-autodiff. Ghost groups keep their own sums; with `axis_name`, `S1` and `S2` are summed over the devices
-(within `axis_index_groups`) for `dx`, while `dscale` and `dbias` stay per device, as autodiff gives them.
-Renorm's `r` and `d` are constants (stop-gradient), so only the factor `scale·r` changes.
+with `n` the valid count and `valid` the mask. Every output moves with the statistics (the correction
+reaches every position) but only valid inputs move them, exactly as autodiff. Ghost groups keep their
+own sums; with `axis_name`, `T1` and `T2` are summed over the devices (within `axis_index_groups`).
+Renorm's `r` and `d` are constants (stop-gradient).
 
-The mean and variance enter as inputs computed by `stats.moments_and_count` (the one statistics kernel)
-and receive no cotangent here: the backward already accounts for their dependence on `x`. They keep
-their own differentiable graph, so reverse-over-reverse (`jax.grad` of `jax.grad`, Hessian-vector
-products by `jax.jvp` of `jax.grad`) stays exact. Pure forward mode (`jax.jvp`, `jax.jacfwd`) through a
-`custom_vjp` is not supported by JAX; `disabled()` restores the unfused, autodiff path for that.
+Forward mode (`jax.jvp`, `jax.jacfwd`) evaluates the rule directly. Reverse mode linearizes the rule and
+transposes it, which gives the closed-form backward: one reduction pass for `Σ g`, `Σ g·x̂` and one
+elementwise pass for `dx = a·(g − valid·(Σ g + x̂·Σ g·x̂)/n)`, `dbias = Σ g`, `dscale = r·Σ g·x̂ + d·Σ g`.
+The tangent is computed inside `jax.checkpoint` from `x` and per-feature statistics, so the only
+full-size array reverse mode keeps is `x` itself (and the mask, when given); `x̂` is recomputed. The
+rule is ordinary differentiable JAX code of `x` (its statistics come from `stats.moments_and_count`), so
+higher orders (`jax.hessian`, reverse-over-reverse, forward-over-forward) are exact.
+
+References:
+  Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
+  Covariate Shift", ICML 2015, arXiv:1502.03167 (§3, the back-propagation formulas).
+  Ioffe, "Batch Renormalization", NeurIPS 2017, arXiv:1702.03275 (r and d held constant).
 """
 
-import contextlib
 import functools
-import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from normjax._src import collectives
 from normjax._src import normalize as normalize_lib
 from normjax._src import stats
 
-_ENABLED = os.environ.get("NORMJAX_FUSED_BATCH_NORM", "1") != "0"
 
-
-def enabled() -> bool:
-  """Whether training-mode BatchNorm uses the closed-form backward (read at trace time)."""
-  return _ENABLED
-
-
-@contextlib.contextmanager
-def disabled():
-  """Traces BatchNorm with plain autodiff inside the block (for forward-mode AD, tests, benchmarks).
-
-  The switch is read when a function is traced: re-`jit` (or use a fresh function) inside the block.
-  """
-  global _ENABLED
-  previous, _ENABLED = _ENABLED, False
-  try:
-    yield
-  finally:
-    _ENABLED = previous
-
-
-def _effective_affine(scale, bias, r, d):
-  """renorm folds into the affine: scale·r and bias + scale·d (as the unfused path does)."""
-  if r is None:
-    return scale, bias
-  unit = 1.0 if scale is None else scale.astype(r.dtype)
-  return unit * r, (0.0 if bias is None else bias.astype(r.dtype)) + unit * d
+class _Config(NamedTuple):
+  """The static (hashable) arguments of the custom_jvp."""
+  reduce_axes: Tuple[int, ...]
+  axis_name: object
+  groups: object
+  method: str
+  epsilon: float
+  dtype: object
 
 
 def normalize_training(x, mask, scale, bias, r, d, *, reduce_axes: Tuple[int, ...], axis_name=None,
-                       axis_index_groups=None, method: str = "shifted", epsilon: float, dtype=None):
-  """`normalize(x, mean, var, scale', bias')` for the batch's own statistics, with the fused backward.
+                       axis_index_groups=None, method: str = "shifted", epsilon: float, dtype=None,
+                       closed_form: bool = True):
+  """`normalize(x, mean, var, scale', bias')` for the batch's own statistics, closed-form derivative.
 
   Args:
     x: the grouped input (leading ghost-group axis, size 1 without ghost batches).
@@ -77,24 +64,31 @@ def normalize_training(x, mask, scale, bias, r, d, *, reduce_axes: Tuple[int, ..
       `stats.moments_and_count` (called here again: XLA merges it with the caller's identical call).
     epsilon: added to the variance.
     dtype: output dtype (default `x.dtype`).
+    closed_form: True (default) differentiates with the closed-form rule; False with plain autodiff
+      through the statistics (the reference the tests and benchmarks compare against). Same forward.
 
   Returns:
-    `y` of `x`'s shape in `dtype`, identical to the unfused forward.
+    `y` of `x`'s shape in `dtype`; both paths give bitwise the same value.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.arange(8.0).reshape(1, 4, 2)
+    >>> f = lambda x: normalize_training(x, None, None, None, None, None, reduce_axes=(1,),
+    ...                                  epsilon=1e-5)
+    >>> y, dy = jax.jvp(f, (x,), (jnp.ones_like(x),))  # a uniform shift: normalized away
+    >>> bool(jnp.max(jnp.abs(dy)) < 1e-6)
+    True
   """
   dtype = jnp.dtype(dtype if dtype is not None else x.dtype)
-  groups = None if axis_index_groups is None else tuple(tuple(g) for g in axis_index_groups)
-  # Under shard_map with varying-axis checks, a replicated scale used with a device-varying x gets an
-  # implicit pcast whose transpose sums its cotangent over devices. A custom_vjp must return cotangents
-  # of its inputs' exact type, so make the parameters varying like x first: autodiff then applies that
-  # same sum outside, and the backward returns per-device sums as for any varying input.
-  scale, bias = _vary_like(x, scale), _vary_like(x, bias)
-  config = (tuple(reduce_axes), axis_name, groups, method, float(epsilon), dtype)
-  return _fused(config, x, mask, scale, bias, r, d)
+  groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+  config = _Config(tuple(reduce_axes), axis_name, groups, method, float(epsilon), dtype)
+  if not closed_form:
+    return _forward(config, x, mask, scale, bias, r, d)
+  return _closed_form(config, x, mask, scale, bias, r, d)
 
 
 def _vary_like(x, value):
-  if value is None:
-    return None
+  """`value` made device-varying over the mesh axes `x` varies over (shard_map's varying-axis types)."""
   missing = tuple(a for a in _vma(x) if a not in _vma(value))
   return jax.lax.pcast(value, missing, to="varying") if missing else value
 
@@ -109,60 +103,103 @@ def _vma(value):
 
 
 def _moments(config, x, mask):
-  reduce_axes, axis_name, groups, method, _, _ = config
-  return stats.moments_and_count(x, reduce_axes, mask=mask, axis_name=axis_name,
-                                 axis_index_groups=groups, method=method)
+  return stats.moments_and_count(x, config.reduce_axes, mask=mask, axis_name=config.axis_name,
+                                 axis_index_groups=config.groups, method=config.method)
+
+
+def _effective_affine(scale, bias, r, d):
+  """renorm folds into the affine: scale·r and bias + scale·d (as the unfused path does)."""
+  if r is None:
+    return scale, bias
+  unit = 1.0 if scale is None else scale.astype(r.dtype)
+  return unit * r, (0.0 if bias is None else bias.astype(r.dtype)) + unit * d
+
+
+def _normalize(config, x, mean, var, scale, bias, r, d):
+  scale_e, bias_e = _effective_affine(scale, bias, r, d)
+  return normalize_lib.normalize(x, mean, var, scale_e, bias_e, epsilon=config.epsilon,
+                                 dtype=config.dtype)
 
 
 def _forward(config, x, mask, scale, bias, r, d):
   mean, var, _ = _moments(config, x, mask)
-  scale_e, bias_e = _effective_affine(scale, bias, r, d)
-  return normalize_lib.normalize(x, mean, var, scale_e, bias_e, epsilon=config[4], dtype=config[5])
+  return _normalize(config, x, mean, var, scale, bias, r, d)
 
 
-_fused = jax.custom_vjp(_forward, nondiff_argnums=(0,))
+_closed_form = jax.custom_jvp(_forward, nondiff_argnums=(0,))
 
 
-def _fused_fwd(config, x, mask, scale, bias, r, d):
-  # The statistics are residuals computed from x inside the forward: differentiating this function
-  # again (reverse-over-reverse) sees their dependence on x, and nothing full-size besides x is kept.
+def _closed_form_jvp(config, primals, tangents):
+  x, mask, scale, bias, r, d = primals
+  dx, _, dscale, dbias, _, _ = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+  # The statistics are computed once here, from x, for the output and the tangent alike. They enter the
+  # checkpointed tangent as inputs: reverse mode keeps them (per-feature vectors) with x and recomputes
+  # x̂ from them, and higher-order derivatives see their dependence on x through this code.
   mean, var, count = _moments(config, x, mask)
-  scale_e, bias_e = _effective_affine(scale, bias, r, d)
-  y = normalize_lib.normalize(x, mean, var, scale_e, bias_e, epsilon=config[4], dtype=config[5])
-  return y, (x, mean, var, count, mask, scale, bias, r, d)
+  y = _normalize(config, x, mean, var, scale, bias, r, d)
+  if dx is None and dscale is None and dbias is None:  # e.g. only renorm's stop-gradient r, d traced
+    return y, _vary_like(x, jnp.zeros_like(y))
+  tangent = jax.checkpoint(functools.partial(_tangent, config), prevent_cse=False)
+  return y, tangent(x, mask, mean, var, count, scale, r, d, dx, dscale, dbias)
 
 
-def _param_cotangent(value, like):
-  """Sums a keepdims per-group cotangent over the ghost-group axis 0 into `like`'s shape and dtype."""
-  return jnp.sum(value, axis=0).reshape(jnp.shape(like)).astype(jnp.result_type(like))
+def _tangent(config, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias):
+  """The closed-form tangent `dy`, linear in `(dx, dscale, dbias)` (None: a zero tangent).
 
-
-def _fused_bwd(config, residuals, dy):
-  reduce_axes, axis_name, groups, _, epsilon, _ = config
-  x, mean, var, count, mask, scale, bias, r, d = residuals
+  Written so that its transpose (reverse mode) reduces only `g` and `g·x̂`: every per-feature
+  coefficient multiplies a per-feature tangent *before* it is broadcast, and the terms are added (no
+  negation of full-size values). XLA then computes `Σ g` and `Σ g·x̂` once for dx, dscale and dbias.
+  """
   acc = stats.accumulation_dtype(x)
-  rstd = jax.lax.rsqrt(var.astype(acc) + epsilon)
+  keep = tuple(1 if a in config.reduce_axes else n for a, n in enumerate(x.shape))  # per-group vectors
+  per_group = functools.partial(_per_group, keep=keep, dtype=acc)
+  rstd = jax.lax.rsqrt(var.astype(acc) + config.epsilon)
   xhat = (x.astype(acc) - mean.astype(acc)) * rstd
-  g = dy.astype(acc)
-  s1 = jnp.sum(g, reduce_axes, keepdims=True)
-  s2 = jnp.sum(g * xhat, reduce_axes, keepdims=True)
-  dscale = dbias = None
-  if scale is not None:
-    dscale = _param_cotangent(s2 if r is None else r * s2 + d * s1, scale)
-  if bias is not None:
-    dbias = _param_cotangent(s1, bias)
-  t1, t2 = collectives.cross_device_sum((s1, s2), axis_name, groups)
-  factor = rstd
-  if scale is not None:
-    factor = factor * scale.astype(acc)
-  if r is not None:
-    factor = factor * r.astype(acc)
-  inv_n = 1.0 / jnp.maximum(count.astype(acc), 1.0)
-  correction = t1 * inv_n + xhat * (t2 * inv_n)
+  terms = []  # (per-group coefficient of 1, per-group coefficient of x̂, full-size term)
+  if dx is not None:
+    u = dx.astype(acc)
+    sums = (_masked_sum(u, mask, config.reduce_axes), _masked_sum(u * xhat, mask, config.reduce_axes))
+    t1, t2 = collectives.cross_device_sum(sums, config.axis_name, config.groups)
+    factor = rstd
+    if scale is not None:
+      factor = factor * scale.astype(acc)
+    if r is not None:
+      factor = factor * r.astype(acc)
+    minus_factor_over_n = -factor / jnp.maximum(count.astype(acc), 1.0)
+    terms.append((minus_factor_over_n * t1, minus_factor_over_n * t2, factor * u))
+  if dscale is not None:
+    ds = per_group(dscale)
+    terms.append((None, ds, None) if r is None else (ds * d.astype(acc), ds * r.astype(acc), None))
+  if dbias is not None:
+    terms.append((per_group(dbias), None, None))
+  constant = _sum(c for c, _, _ in terms)
+  slope = _sum(s for _, s, _ in terms)
+  full = _sum(f for _, _, f in terms)
+  dy = _sum(v for v in (full, None if slope is None else slope * xhat, constant))
+  dy = jnp.broadcast_to(dy, x.shape).astype(config.dtype)
+  return _vary_like(x, dy)  # a tangent from replicated parameters alone must still vary like y
+
+
+def _per_group(value, *, keep, dtype):
+  """A parameter's tangent repeated for each ghost group (axis 0 of `keep`).
+
+  Repeated by concatenation, whose transpose adds the per-group sums: XLA then reuses the per-group
+  reductions `Σ g`, `Σ g·x̂` of the dx cotangent (a broadcast's transpose, a reduction over the size-1
+  group axis, is folded by XLA into a second full reduction over the input).
+  """
+  value = value.astype(dtype).reshape((1,) + keep[1:])
+  return value if keep[0] == 1 else jnp.concatenate([value] * keep[0], axis=0)
+
+
+def _sum(values):
+  values = [v for v in values if v is not None]
+  return functools.reduce(jnp.add, values) if values else None
+
+
+def _masked_sum(values, mask, axes):
   if mask is not None:
-    correction = jnp.where(mask, correction, 0.0)
-  dx = (factor * (g - correction)).astype(x.dtype)
-  return dx, None, dscale, dbias, None, None
+    values = jnp.where(mask, values, 0.0)
+  return jnp.sum(values, axis=axes, keepdims=True)
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_closed_form.defjvp(_closed_form_jvp, symbolic_zeros=True)
