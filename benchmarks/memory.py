@@ -10,23 +10,20 @@ Implementations: normjax (closed-form derivative), normjax with plain autodiff t
 flax.linen.BatchNorm default (fast variance) and two-pass. N = bytes of x is printed alongside.
 
 Usage:
-  python benchmarks/memory.py
-  python benchmarks/memory.py --batch 128 --dtypes bfloat16     # GPU-sized (sizes are per device)
-  python benchmarks/memory.py --quick
+  python -m benchmarks.memory
+  python -m benchmarks.memory --batch 128 --dtypes bfloat16     # GPU-sized (sizes are per device)
+  python -m benchmarks.memory --quick
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-import normjax  # noqa: E402
-from benchmarks import _common  # noqa: E402
-from benchmarks import op_batch_norm  # noqa: E402
+import normjax
+from benchmarks import _common
+from benchmarks import op_batch_norm
 
 SHAPES = [(56, 56, 64), (28, 28, 512), (7, 7, 2048)]
 

@@ -7,27 +7,24 @@ BatchNorm statistics stay float32). The two models are timed round-robin in the 
 same random batches (several rotated); compile and warm-up are excluded; median (and min) of the steps.
 
 Usage:
-  python benchmarks/model_resnet18.py                      # CPU default: batch 32, 32x32 images
-  python benchmarks/model_resnet18.py --batch 256 --steps 50 --dtype bfloat16   # GPU-sized
-  python benchmarks/model_resnet18.py --quick
+  python -m benchmarks.model_resnet18                      # CPU default: batch 32, 32x32 images
+  python -m benchmarks.model_resnet18 --batch 256 --steps 50 --dtype bfloat16   # GPU-sized
+  python -m benchmarks.model_resnet18 --quick
 """
 
 import functools
-import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
 
-import normjax.linen as njl  # noqa: E402
-from benchmarks import _common  # noqa: E402
+import normjax.linen as njl
+from benchmarks import _common
 
 
 class BasicBlock(nn.Module):

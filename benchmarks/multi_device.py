@@ -6,24 +6,22 @@ flax unsynchronized and flax synchronized (axis_name). On one CPU host the 8 dev
 so this measures the overhead of the cross-device reductions, not a real interconnect.
 
 Usage:
-  python benchmarks/multi_device.py            # 8 CPU devices (set here, before jax is imported)
-  python benchmarks/multi_device.py --quick
+  python -m benchmarks.multi_device            # 8 CPU devices (set here, before jax is imported)
+  python -m benchmarks.multi_device --quick
 """
 
 import os
-import sys
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-import normjax  # noqa: E402
-from benchmarks import _common  # noqa: E402
+import normjax
+from benchmarks import _common
 
 AXIS = "devices"
 

@@ -8,22 +8,19 @@ reported: the error of normjax.moments (identical to the layer's) and of the nor
 `y` (max abs error vs float64).
 
 Usage:
-  python benchmarks/numerics.py
-  python benchmarks/numerics.py --quick
+  python -m benchmarks.numerics
+  python -m benchmarks.numerics --quick
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import normjax  # noqa: E402
-from benchmarks import _common  # noqa: E402
+import normjax
+from benchmarks import _common
 
 MEANS = (0.0, 1e2, 1e3, 1e4)
 

@@ -17,30 +17,27 @@ shard_map, flax with the same axis_name); masked (random (N,H,W,1) mask, ~90% va
 mask). flax has no ghost or renorm option, so those rows compare against plain flax BatchNorm.
 
 Usage:
-  python benchmarks/op_batch_norm.py                       # CPU default: batch 8, all shapes and variants
-  python benchmarks/op_batch_norm.py --batch 128 --dtypes bfloat16 --variants default   # GPU-sized
-  python benchmarks/op_batch_norm.py --quick               # smoke test
+  python -m benchmarks.op_batch_norm                       # CPU default: batch 8, all shapes and variants
+  python -m benchmarks.op_batch_norm --batch 128 --dtypes bfloat16 --variants default   # GPU-sized
+  python -m benchmarks.op_batch_norm --quick               # smoke test
 """
 
 import functools
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-import normjax  # noqa: E402
-from benchmarks import _common  # noqa: E402
-from normjax._src import batch_norm as batch_norm_lib  # noqa: E402
-from normjax._src import fused_batch_norm  # noqa: E402
-from normjax._src import renorm as renorm_lib  # noqa: E402
-from normjax._src import stats  # noqa: E402
-from normjax._src import validation  # noqa: E402
+import normjax
+from benchmarks import _common
+from normjax._src import batch_norm as batch_norm_lib
+from normjax._src import fused_batch_norm
+from normjax._src import renorm as renorm_lib
+from normjax._src import stats
+from normjax._src import validation
 
 SHAPES = [(56, 56, 64), (56, 56, 256), (28, 28, 128), (28, 28, 512), (14, 14, 256), (14, 14, 1024),
           (7, 7, 512), (7, 7, 2048)]
