@@ -209,6 +209,21 @@ def evaluate(eval_step, state, test_source, config, sharding) -> Dict[str, float
           "eval_accuracy": float(totals["correct"] / totals["count"])}
 
 
+@functools.lru_cache(maxsize=8)
+def _recalibration_apply_fn(model, mesh, synchronized: bool):
+  """The same function object for a (model, mesh) pair, so recalibration compiles once per run
+  (`recalibrate_batch_stats` caches its jitted step by the function's identity)."""
+  if not synchronized:
+    return model.apply
+
+  def apply_fn(variables, x, *, training, mutable):
+    f = jax.shard_map(lambda v, x: model.apply(v, x, training=training, mutable=mutable), mesh=mesh,
+                      in_specs=(P(), P(models.BATCH_AXIS)), out_specs=(P(models.BATCH_AXIS), P()),
+                      check_vma=False)
+    return f(variables, x)
+  return apply_fn
+
+
 def recalibrate(state: TrainState, model, train_source, config, mesh) -> TrainState:
   """Replaces the running statistics by population statistics (precise BN) of `config.recalibrate_steps`
   training batches, with `normjax.linen.recalibrate_batch_stats`; parameters are unchanged.
@@ -219,13 +234,7 @@ def recalibrate(state: TrainState, model, train_source, config, mesh) -> TrainSt
   """
   if not state.batch_stats:
     return state
-  apply_fn = model.apply
-  if config.norm == "sync_batch_norm":
-    def apply_fn(variables, x, *, training, mutable):
-      f = jax.shard_map(lambda v, x: model.apply(v, x, training=training, mutable=mutable), mesh=mesh,
-                        in_specs=(P(), P(models.BATCH_AXIS)), out_specs=(P(models.BATCH_AXIS), P()),
-                        check_vma=False)
-      return f(variables, x)
+  apply_fn = _recalibration_apply_fn(model, mesh, config.norm == "sync_batch_norm")
   sharding = NamedSharding(mesh, P(models.BATCH_AXIS))
   batches = input_pipeline.train_batches(train_source, config, total_steps=config.recalibrate_steps)
   images = [_global_batch({"image": b["image"]}, sharding)["image"] for b in batches]

@@ -4,6 +4,8 @@ import dataclasses
 import inspect
 
 from flax import nnx
+import jax
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -519,3 +521,42 @@ def test_nnx_jit_does_not_retrace_and_keeps_state_types():
   np.testing.assert_allclose(layer.mean[...], state.mean, rtol=1e-6)
   assert layer.count[...].dtype == jnp.int32 and int(layer.count[...]) == 3
   assert isinstance(layer.count, nnx.BatchStat)
+
+
+def _train_shard_map(norm, x, labels, lr=0.05):
+  """Three synchronized steps under `jax.shard_map` on 8 CPU devices (nnx.split / nnx.merge inside)."""
+  graphdef, params, rest = nnx.split(_ResNet(norm, nnx.Rngs(0)), nnx.Param, ...)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("batch",))
+
+  def local(params, rest, x, labels):  # replicated params: their gradients arrive summed over devices
+    model = nnx.merge(graphdef, params, rest)
+    grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean() / 8)(
+        model)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), rest
+
+  step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                               out_specs=(P(), P())))
+  for i in range(3):
+    params, rest = step(params, rest, x[i], labels[i])
+  model = nnx.merge(graphdef, params, rest)
+  model.eval()
+  return model, np.asarray(model(x[3]))
+
+
+@pytest.mark.parametrize("options, tol", [({}, 1e-4), ({"stats_method": "fast"}, 2e-6)])
+def test_resnet_synchronized_under_shard_map_equals_the_flax_nnx_one(options, tol):
+  rng = np.random.default_rng(1)
+  x = (10.0 + rng.normal(size=(4, 32, 8, 8, 3))).astype(np.float32)  # |mean| = 10 std
+  labels = rng.integers(0, 10, size=(4, 32))
+  theirs, out_theirs = _train_shard_map(
+      lambda c, rngs: nnx.BatchNorm(c, momentum=0.9, axis_name="batch", rngs=rngs), x, labels)
+  ours, out_ours = _train_shard_map(
+      lambda c, rngs: njn.BatchNorm(c, momentum=0.9, axis_name="batch", rngs=rngs, **options),
+      x, labels)
+  ours_state, theirs_state = _flat(nnx.state(ours)), _flat(nnx.state(theirs))
+  for k, v in theirs_state.items():
+    assert _max_relative(ours_state[k], v) <= tol, (k, _max_relative(ours_state[k], v))
+  assert _max_relative(out_ours, out_theirs) <= tol
+  assert all(int(v) == 3 for k, v in ours_state.items() if k.endswith("count"))
+  assert _max_relative(theirs_state["bn/mean"], np.zeros(8)) > 0.1  # the statistics moved
