@@ -201,14 +201,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
   are those of the whole vmapped batch (and of every other named axis in a tuple `axis_name`).
 
   Where Equinox and normjax differ, Equinox's meaning holds:
-    * `dtype` is the dtype of `weight` and `bias` (default float32, float64 under `jax_enable_x64`, as
-      Equinox). The running statistics are float32 always (normjax's state invariant); the output has
-      the input's dtype unless `output_dtype` is given.
-    * `channelwise_affine` sets both `use_scale` and `use_bias` (either may be given to override it).
-    * `mode="batch"` reproduces `eqx.nn.BatchNorm(mode="batch")`: the state holds Equinox's hidden EMA
-      (started at mean 0, variance 1, weight of the old value `momentum`) and inference divides it by
-      `1 − momentum**t`. `mode="ema"` (and Equinox's "legacy") is refused. Without `mode`, normjax's
-      semantics: inference uses the running statistics as stored.
+
+  * `dtype` is the dtype of `weight` and `bias` (default float32, float64 under `jax_enable_x64`, as
+    Equinox). The running statistics are float32 always (normjax's state invariant); the output has
+    the input's dtype unless `output_dtype` is given.
+  * `channelwise_affine` sets both `use_scale` and `use_bias` (either may be given to override it).
+  * `mode="batch"` reproduces `eqx.nn.BatchNorm(mode="batch")`: the state holds Equinox's hidden EMA
+    (started at mean 0, variance 1, weight of the old value `momentum`) and inference divides it by
+    `1 − momentum**t`. `mode="ema"` (and Equinox's "legacy") is refused. Without `mode`, normjax's
+    semantics: inference uses the running statistics as stored.
+
   The parameters are `weight` and `bias` (Equinox's names); the state is one `BatchNormState` under
   `state_index`, so `eqx.nn.make_with_state(BatchNorm)(...)` works. `eqx.nn.inference_mode` sets
   `inference`; the call's `inference=` overrides it. Both must be bools (`modes.check_flag`).
@@ -223,7 +225,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
     weight, bias: `(input_size,)` arrays of `dtype`, or None without `channelwise_affine`.
     state_index: the `eqx.nn.StateIndex` of the `BatchNormState(mean, var, count)`.
     inference: the mode when the call gives none (True: running statistics).
-    input_size, mode: as given. config: the core's `BatchNormConfig` (channels on axis 1 of `x[None]`).
+    input_size, mode: as given.
+    config: the core's `BatchNormConfig` (channels on axis 1 of `x[None]`).
 
   Example:
     >>> import equinox as eqx, jax, jax.numpy as jnp, normjax.equinox as nje
