@@ -45,6 +45,43 @@ from normjax._src.weights import weight_norm
 from normjax._src.weights import weight_norm_data_init
 from normjax._src.weights import weight_standardization
 
+__all__ = [
+    "BatchNormConfig",
+    "BatchNormState",
+    "Constraint",
+    "EmptyState",
+    "RenormClipping",
+    "SpectralNormState",
+    "Transform",
+    "VirtualBatchNormState",
+    "WeightTransform",
+    "batch_norm",
+    "batch_renorm",
+    "batch_renorm_paper_schedule",
+    "fold_batch_norm",
+    "frozen_batch_norm",
+    "ghost_batch_norm",
+    "group_norm",
+    "instance_norm",
+    "is_kernel",
+    "layer_norm",
+    "max_norm",
+    "merge_moments",
+    "min_max_norm",
+    "moments",
+    "non_neg",
+    "normalize",
+    "rms_norm",
+    "spectral_norm",
+    "standardize_kernel",
+    "unit_norm",
+    "virtual_batch_norm",
+    "weight_norm",
+    "weight_norm_data_init",
+    "weight_standardization",
+    "__version__",
+]
+
 _FACES = ("linen", "nnx", "equinox")
 
 

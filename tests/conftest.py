@@ -7,6 +7,14 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import hypothesis  # noqa: E402
+import pytest  # noqa: E402
 
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+  """One prepared-dataset cache directory per test session (per xdist worker): each dataset is
+  prepared once and shared by the experiments and studies tests."""
+  return str(tmp_path_factory.mktemp("data_cache"))

@@ -1,22 +1,12 @@
-"""Fixtures shared by the tests/test_experiments_*.py modules (import them from there)."""
+"""Helpers shared by the tests/test_experiments_*.py modules (the `data_cache` fixture is in conftest.py)."""
 
 import os
 import subprocess
 import sys
 
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
-_CACHE = {}
-
-
-@pytest.fixture
-def data_cache(tmp_path_factory) -> str:
-  """One prepared-dataset cache directory for the whole test session (each dataset is prepared once)."""
-  if "dir" not in _CACHE:
-    _CACHE["dir"] = str(tmp_path_factory.mktemp("data_cache"))
-  return _CACHE["dir"]
 
 
 def subprocess_env(num_devices: int) -> dict:

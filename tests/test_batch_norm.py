@@ -1,5 +1,4 @@
 """`normjax.batch_norm` and its variants against float64 references written from the papers."""
-import functools
 
 import hypothesis
 import hypothesis.strategies as st

@@ -120,7 +120,7 @@ def test_bad_input_raises():
   with pytest.raises(ValueError, match=r"rate=-0.1"):
     normjax.min_max_norm(0.0, 1.0, rate=-0.1)
   with pytest.raises(ValueError, match=r"axis=2 is out of range.*\['Dense_0'\]\['kernel'\].*\(5, 4\)"):
-    normjax.max_norm(1.0, axis=2, where=lambda p, l: l.ndim == 2).project(_tree())
+    normjax.max_norm(1.0, axis=2, where=lambda p, leaf: leaf.ndim == 2).project(_tree())
 
 
 _PROJECT = jax.jit(normjax.max_norm(2.0).project)

@@ -245,7 +245,7 @@ def masks_for(steps=3, seed=3):
 def test_masks_give_exact_statistics_for_unequal_counts(options):
   masks = masks_for()
   model, state, core, params, out = run_both(masks=masks, **options)
-  for t, (x, y, s, y_core, s_core) in enumerate(out):
+  for _, y, s, y_core, s_core in out:
     np.testing.assert_allclose(y, y_core, atol=3e-6, rtol=1e-5)
     assert_state_close(s, s_core)
   if not options:  # float64 reference over the valid elements only

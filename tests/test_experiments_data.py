@@ -5,7 +5,6 @@ import os
 import struct
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -13,7 +12,6 @@ from experiments import input_pipeline
 from experiments import tfds_builders
 from experiments.configs import default
 from experiments_fixtures import SHARED_DATA
-from experiments_fixtures import data_cache  # noqa: F401  pylint: disable=unused-import
 needs_shared_data = pytest.mark.skipif(not os.path.isdir(SHARED_DATA),
                                        reason=f"{SHARED_DATA} (../shared/data beside the repo) is absent")
 
@@ -51,7 +49,7 @@ def test_mnist_pixels_match_the_idx_file(data_cache):
                                cache_dir=data_cache).as_data_source(split="test")
   # tfds stores examples in its own order; compare as multisets via a per-image checksum.
   ours = sorted((int(r["label"]), r["image"].tobytes()) for r in test.__getitems__(list(range(len(test)))))
-  ref = sorted((int(l), im.tobytes()) for im, l in zip(images, labels))
+  ref = sorted((int(label), im.tobytes()) for im, label in zip(images, labels))
   assert ours == ref
 
 

@@ -26,7 +26,6 @@ from experiments import train
 from experiments.configs import default
 from experiments.configs import from_workdir
 from experiments_fixtures import REPO
-from experiments_fixtures import data_cache  # noqa: F401  pylint: disable=unused-import
 from experiments_fixtures import driver_command
 from experiments_fixtures import run_checked
 from experiments_fixtures import subprocess_env

@@ -7,11 +7,9 @@ import socket
 import subprocess
 import time
 
-import jax
 import numpy as np
 import pytest
 
-import normjax
 from experiments import compare
 from experiments import train
 from experiments.configs import cifar10_cnn
@@ -23,7 +21,6 @@ from experiments.configs import fashion_mnist_cnn
 from experiments.configs import mnist_cnn
 from experiments_fixtures import REPO
 from experiments_fixtures import SHARED_DATA
-from experiments_fixtures import data_cache  # noqa: F401  pylint: disable=unused-import
 from experiments_fixtures import driver_command
 from experiments_fixtures import run_checked
 from experiments_fixtures import subprocess_env

@@ -42,7 +42,7 @@ def ref_layer_norm(x, reduce_axes, scale, bias, eps=EPS):
 def ref_group_norm(x, groups, scale, bias, eps=EPS):
   """Wu & He 2018, Fig. 3 (NHWC): reshape C into (G, C/G), moments over (H, W, C/G)."""
   x = np.asarray(x, np.float64)
-  n, c = x.shape[0], x.shape[-1]
+  c = x.shape[-1]
   xg = x.reshape(x.shape[:-1] + (groups, c // groups))
   axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
   mu = xg.mean(axis=axes, keepdims=True)

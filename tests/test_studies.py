@@ -18,7 +18,6 @@ from experiments import studies
 from experiments.studies import common
 from experiments.studies import learning_rate
 from experiments_fixtures import SHARED_DATA
-from experiments_fixtures import data_cache  # noqa: F401  pylint: disable=unused-import
 
 
 def _smoke_study(name, cache):

@@ -12,7 +12,7 @@ is one reduction and one elementwise pass and keeps only `x`. The values are tho
 import dataclasses
 import functools
 import math
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 from jax.experimental import checkify

@@ -69,7 +69,7 @@ def _selected(where, params):
   if where is None:
     where = is_kernel
   if callable(where):
-    return jax.tree_util.tree_map_with_path(lambda p, l: bool(where(p, l)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: bool(where(p, leaf)), params)
   return where
 
 
