@@ -56,7 +56,7 @@ def _init(config, reference, *, mask=None):
   feature_shape = tuple(reference.shape[a] for a in axes)
   params, _ = bn_lib.init_variables(feature_shape, use_scale=config.use_scale,
                                     use_bias=config.use_bias, param_dtype=config.param_dtype)
-  state = VirtualBatchNormState(*(v.reshape(feature_shape) for v in (mean, var, count)))
+  state = VirtualBatchNormState(*(v.reshape(feature_shape).astype(jnp.float32) for v in (mean, var, count)))
   return params, state
 
 
