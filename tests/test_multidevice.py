@@ -1,5 +1,4 @@
 """Synchronized BatchNorm on 8 real CPU devices: shard_map, pmap and jit with NamedSharding."""
-import functools
 
 import jax
 import jax.numpy as jnp

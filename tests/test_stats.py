@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import normjax
+from normjax._src import compat
 
 METHODS = ("shifted", "two_pass", "fast")
 
@@ -35,7 +36,9 @@ def test_fast_variance_loses_precision_where_shifted_does_not():
   _, fast = normjax.moments(jnp.asarray(x), (0, 1, 2), method="fast")
   _, two_pass = normjax.moments(jnp.asarray(x), (0, 1, 2), method="two_pass")
   assert _rel_err(fast, want) > 1e-2
-  assert _rel_err(two_pass, want) <= 1e-5
+  # two_pass's error is the float32 rounding of XLA's CPU sums of 16,384 terms, so it depends on jaxlib:
+  # measured 1.05e-6 with jaxlib 0.10.2, 1.34e-5 with 0.7.0 and 0.8.1 (compat.OLD_CPU_REDUCTIONS)
+  assert _rel_err(two_pass, want) <= (3e-5 if compat.OLD_CPU_REDUCTIONS else 1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -42,7 +42,7 @@ def cross_device_sum(tree, axis_name, axis_index_groups: AxisIndexGroups = None)
   if axis_name is None:
     return tree
   if axis_index_groups is None:
-    return jax.lax.psum(tree, axis_name)
+    return _psum_leaves(tree, axis_name)
   check_axis_index_groups(axis_index_groups, _static_axis_size(axis_name))
   group_of = np.zeros(max(int(i) for g in axis_index_groups for i in g) + 1, np.int32)
   for gid, group in enumerate(axis_index_groups):
@@ -54,5 +54,16 @@ def cross_device_sum(tree, axis_name, axis_index_groups: AxisIndexGroups = None)
     leaf = jnp.asarray(leaf)
     return jnp.where(onehot.reshape((-1,) + (1,) * leaf.ndim), leaf[None], 0)
 
-  summed = jax.lax.psum(jax.tree_util.tree_map(scatter, tree), axis_name)
+  summed = _psum_leaves(jax.tree_util.tree_map(scatter, tree), axis_name)
   return jax.tree_util.tree_map(lambda s: s[my_group], summed)
+
+
+def _psum_leaves(tree, axis_name):
+  """One `psum` per leaf, never one over several leaves.
+
+  A multi-operand `psum` whose operands mix a constant (a valid count) with a differentiated value
+  cannot be transposed by jax < 0.8.2 under `shard_map` (an assertion in its psum transpose rule), so
+  reverse mode through synchronized statistics crashed there. Per-leaf sums are the same numbers; XLA's
+  all-reduce combiner merges the small collectives again where that pays.
+  """
+  return jax.tree_util.tree_map(lambda leaf: jax.lax.psum(leaf, axis_name), tree)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from normjax._src import collectives
+from normjax._src import compat
 from normjax._src import normalize as normalize_lib
 from normjax._src import stats
 
@@ -87,19 +88,7 @@ def normalize_training(x, mask, scale, bias, r, d, *, reduce_axes: Tuple[int, ..
   return _closed_form(config, x, mask, scale, bias, r, d)
 
 
-def _vary_like(x, value):
-  """`value` made device-varying over the mesh axes `x` varies over (shard_map's varying-axis types)."""
-  missing = tuple(a for a in _vma(x) if a not in _vma(value))
-  return jax.lax.pcast(value, missing, to="varying") if missing else value
-
-
-def _vma(value):
-  """The mesh axes over which `value` varies inside shard_map (empty outside; API differs by version)."""
-  aval = jax.typeof(value)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-  return frozenset(vma or ())
+_vary_like = compat.vary_like  # version-specific shard_map typing lives in compat.py
 
 
 def _moments(config, x, mask):
