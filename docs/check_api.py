@@ -31,8 +31,8 @@ _DIRECTIVE = re.compile(r"^:::\s+(\S+)\s*$", re.MULTILINE)
 
 def public_names(module):
   """The public names of `module`: `__all__`, else its non-underscore attributes that are not modules."""
-  if hasattr(module, "__all__"):
-    return list(module.__all__)
+  if hasattr(module, "__all__"):  # dunder entries (`__version__`) are data, not API
+    return [n for n in module.__all__ if not (n.startswith("__") and n.endswith("__"))]
   return sorted(n for n, v in vars(module).items()
                 if not n.startswith("_") and not inspect.ismodule(v))
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import normjax
+from tests import helpers
 from tests import references as ref
 
 EPS = 1e-5
 
 
-def _data(shape, mean=0.0, std=1.0, seed=0):
-  return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+_data = helpers.normal_data
 
 
 def _params(channels, seed=3):
@@ -208,24 +208,6 @@ def test_renorm_paper_schedule():
   late = state._replace(count=jnp.array(40000, jnp.int32))
   y_late, _ = bn.apply(params, late, x, training=True)
   assert not np.allclose(y_late, y, atol=1e-2)  # now d ≠ 0 moves the output
-
-
-def test_reference_batch_virtual_batch_norm():
-  reference, x = _data((32, 3, 3, 2), mean=1.0, std=2.0), _data((5, 3, 3, 2), mean=2.0, seed=7)
-  vbn = normjax.virtual_batch_norm()
-  params, state = vbn.init(reference)
-  params = _params(2)
-  y, same = vbn.apply(params, state, x, training=True)
-  assert same is state
-  y_eval, _ = vbn.apply(params, state, x, training=False)
-  np.testing.assert_allclose(y, y_eval)
-  for i in range(5):  # each example normalized with the statistics of reference ∪ {example}
-    pooled = np.concatenate([reference, x[i:i + 1]]).astype(np.float64)
-    want, _, _ = ref.batch_norm_train(pooled, (0, 1, 2), np.asarray(params["scale"], np.float64),
-                                      np.asarray(params["bias"], np.float64), EPS)
-    np.testing.assert_allclose(y[i], want[-1], rtol=1e-4, atol=1e-5)
-  # an example's output does not depend on the rest of its batch
-  np.testing.assert_allclose(vbn.apply(params, state, x[:1], training=True)[0], y[:1], rtol=1e-6)
 
 
 def test_half_precision_input_keeps_float32_state():

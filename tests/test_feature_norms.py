@@ -12,12 +12,12 @@ import pytest
 import normjax
 import normjax.linen as njl
 import normjax.nnx as njn
+from tests import helpers
 
 EPS = 1e-5
 
 
-def _data(shape, mean=0.0, std=1.0, seed=0):
-  return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+_data = helpers.normal_data
 
 
 def _params(shape, seed=3, bias=True):

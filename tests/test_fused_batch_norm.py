@@ -19,6 +19,7 @@ from normjax._src import fused_batch_norm
 from normjax._src import renorm as renorm_lib
 from normjax._src import stats
 from normjax._src import validation
+from tests import helpers
 
 EPS = 1e-5
 CASES = {
@@ -35,7 +36,7 @@ CASES = {
 
 
 def _data(shape, mean=0.0, std=1.0, seed=0):
-  return mean + std * np.random.default_rng(seed).standard_normal(shape)
+  return helpers.normal_data(shape, mean=mean, std=std, seed=seed, dtype=np.float64)  # float64 here
 
 
 def _mask(shape, seed=5):

@@ -20,10 +20,10 @@ from normjax._src import batch_norm as bn_lib
 from normjax._src import feature_norms as fn_lib
 from normjax._src import frozen_batch_norm as fbn_lib
 from normjax._src import virtual_batch_norm as vbn_lib
+from tests import helpers
 
 
-def _data(shape, mean=0.0, std=1.0, seed=0):
-  return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+_data = helpers.normal_data
 
 
 @pytest.mark.parametrize("options", [

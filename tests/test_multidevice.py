@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 import normjax
+from tests import helpers
 from tests import references as ref
 
 EPS = 1e-5
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
 
 
-def _data(shape, mean=0.0, std=1.0, seed=0):
-  return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+_data = helpers.normal_data
 
 
 def _mesh():

@@ -13,10 +13,11 @@ import pytest
 
 import normjax
 from normjax._src import running
+from tests import helpers
 
 
-def _data(shape, seed=0, mean=1.0, std=2.0):
-  return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+def _data(shape, seed=0, mean=1.0, std=2.0):  # this module's data default to N(1, 2²)
+  return helpers.normal_data(shape, mean=mean, std=std, seed=seed)
 
 
 def _state(channels):

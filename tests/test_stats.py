@@ -10,12 +10,12 @@ import pytest
 
 import normjax
 from normjax._src import compat
+from tests import helpers
 
 METHODS = ("shifted", "two_pass", "fast")
 
 
-def _data(shape, mean=0.0, std=1.0, seed=0, dtype=np.float32):
-  return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+_data = helpers.normal_data
 
 
 def _rel_err(got, want):

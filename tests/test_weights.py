@@ -10,10 +10,10 @@ import pytest
 
 import normjax
 import normjax.linen as njl
+from tests import helpers
 
 
-def _data(shape, seed=0, mean=0.0, std=1.0):
-  return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+_data = helpers.normal_data
 
 
 def _fan_in(shape):

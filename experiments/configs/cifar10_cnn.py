@@ -6,7 +6,9 @@ normjax.max_norm). Note: ../shared/data/cifar10 holds a JPEG (q75) reconstructio
 
 import ml_collections
 
+from experiments.configs import apply_small
 from experiments.configs import default
+from experiments.configs import parse_variants
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -24,16 +26,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 390 * 5
   c.checkpoint_every = 390
-  variants = set(variant.split(",")) - {""}
+  variants = parse_variants(variant, {"small", "max_norm"})
   if "max_norm" in variants:
     c.name = "cifar10_cnn_max_norm"
     c.max_norm = 3.0
   if "small" in variants:
-    c.num_steps = 20
-    c.batch_size = 32
+    apply_small(c, num_steps=20, batch_size=32, eval_examples=512)
     c.model_kwargs.width = 16
     c.model_kwargs.hidden = 64
-    c.eval_every = 0
-    c.eval_examples = 512
-    c.checkpoint_every = 0
   return c

@@ -2,7 +2,9 @@
 
 import ml_collections
 
+from experiments.configs import apply_small
 from experiments.configs import cifar10_resnet20
+from experiments.configs import parse_variants
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -11,11 +13,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model = "resnet18"
   c.num_epochs = 200
   c.weight_decay = 5e-4
-  if variant == "small":
-    c.num_steps = 3
-    c.batch_size = 16
-    c.eval_batch_size = 512
-    c.eval_every = 0
-    c.eval_examples = 512
-    c.checkpoint_every = 0
+  if "small" in parse_variants(variant, {"small"}):
+    apply_small(c, num_steps=3, batch_size=16, eval_batch_size=512, eval_examples=512)
   return c

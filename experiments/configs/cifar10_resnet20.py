@@ -2,7 +2,9 @@
 
 import ml_collections
 
+from experiments.configs import apply_small
 from experiments.configs import cifar10_cnn
+from experiments.configs import parse_variants
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -15,10 +17,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.weight_decay = 1e-4
   c.schedule = "warmup_cosine"
   c.warmup_steps = 390
-  if variant == "small":
-    c.num_steps = 10
-    c.batch_size = 32
-    c.eval_every = 0
-    c.eval_examples = 512
-    c.checkpoint_every = 0
+  if "small" in parse_variants(variant, {"small"}):
+    apply_small(c, num_steps=10, batch_size=32, eval_examples=512)
   return c

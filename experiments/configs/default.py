@@ -2,10 +2,16 @@
 
 import ml_collections
 
+from experiments.configs import apply_small
+from experiments.configs import parse_variants
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-  """Base hyper-parameters (the seeds' MNIST CNN with BatchNorm on the embedded digits)."""
-  del variant
+  """Base hyper-parameters (the seeds' MNIST CNN with BatchNorm on the embedded digits).
+
+  `variant="small"`: one epoch, evaluated and checkpointed only at the end.
+  """
+  small = "small" in parse_variants(variant, {"small"})
   c = ml_collections.ConfigDict()
   c.name = "default"
   c.seed = 0
@@ -57,4 +63,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.async_checkpointing = True
   c.restore_from = ""  # "<workdir>:<step>": a new work directory starts from that checkpoint (see README)
   c.progress_bar = True
+  if small:
+    apply_small(c, num_epochs=1)
   return c

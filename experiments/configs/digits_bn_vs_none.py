@@ -5,7 +5,9 @@
 
 import ml_collections
 
+from experiments.configs import apply_small
 from experiments.configs import default
+from experiments.configs import parse_variants
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -21,7 +23,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
       "batch_norm": {"norm": "batch_norm"},
       "no_norm": {"norm": "none"},
   })
-  if variant == "small":
-    c.num_epochs = 1
-    c.eval_every = 0
+  if "small" in parse_variants(variant, {"small"}):
+    apply_small(c, num_epochs=1)  # checkpoint_every is already 0 (final checkpoint only)
   return c

@@ -2,7 +2,9 @@
 
 import ml_collections
 
+from experiments.configs import apply_small
 from experiments.configs import default
+from experiments.configs import parse_variants
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -18,9 +20,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 469
   c.checkpoint_every = 469
-  if variant == "small":
-    c.num_steps = 50
-    c.eval_every = 0
-    c.eval_examples = 512
-    c.checkpoint_every = 0
+  if "small" in parse_variants(variant, {"small"}):
+    apply_small(c, num_steps=50, eval_examples=512)
   return c

@@ -11,7 +11,13 @@ Axes = Union[int, Sequence[int]]
 
 def normalize_axes(axes: Axes, ndim: int, name: str) -> Tuple[int, ...]:
   """Returns `axes` as a sorted tuple of non-negative ints, or raises ValueError."""
-  axes_tuple = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+  if isinstance(axes, (int, np.integer)):
+    axes_tuple = (axes,)
+  else:
+    try:
+      axes_tuple = tuple(axes)
+    except TypeError:
+      raise TypeError(f"{name}={axes!r} must be an int or a sequence of ints") from None
   out = []
   for a in axes_tuple:
     if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
