@@ -20,8 +20,11 @@ import numpy as np
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", f"{name}.json"),
-                 help="where to write the JSON results (default benchmarks/results/%(prog)s.json)")
+  p.add_argument(
+    "--out",
+    default=os.path.join(os.path.dirname(__file__), "results", f"{name}.json"),
+    help="where to write the JSON results (default benchmarks/results/%(prog)s.json)",
+  )
   p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
   p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
   p.add_argument("--input-sets", type=int, default=3, help="random input sets rotated while timing")
@@ -59,11 +62,17 @@ def time_interleaved(fns, input_sets, repeats: int) -> dict:
 
 
 def machine() -> dict:
-  info = {"platform": platform.platform(), "python": platform.python_version(),
-          "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()}
+  info = {
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "cpu_count": os.cpu_count(),
+  }
   try:
     import flax
+
     info["flax"] = flax.__version__
   except ImportError:
     pass

@@ -15,8 +15,6 @@ Usage:
   python -m benchmarks.memory --quick
 """
 
-
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,8 +38,9 @@ def _flax_apply(x, fast):
   layer = nn.BatchNorm(use_running_average=False, use_fast_variance=fast, dtype=x.dtype)
   variables = layer.init(jax.random.key(0), x)
   state = variables["batch_stats"]
-  return (lambda p, x: layer.apply({"params": p, "batch_stats": state}, x, mutable=["batch_stats"])), \
-      variables["params"]
+  return (
+    lambda p, x: layer.apply({"params": p, "batch_stats": state}, x, mutable=["batch_stats"])
+  ), variables["params"]
 
 
 def _analyse(apply, params, x):
@@ -57,9 +56,12 @@ def _analyse(apply, params, x):
   res = jax.jit(residuals).lower(params, x).compile().memory_analysis()
   full = jax.jit(fwd_bwd).lower(params, x, dy).compile().memory_analysis()
   mb = 1e6
-  return {"residual_MB": res.output_size_in_bytes / mb, "fwd_bwd_temp_MB": full.temp_size_in_bytes / mb,
-          "fwd_bwd_argument_MB": full.argument_size_in_bytes / mb,
-          "fwd_bwd_output_MB": full.output_size_in_bytes / mb}
+  return {
+    "residual_MB": res.output_size_in_bytes / mb,
+    "fwd_bwd_temp_MB": full.temp_size_in_bytes / mb,
+    "fwd_bwd_argument_MB": full.argument_size_in_bytes / mb,
+    "fwd_bwd_output_MB": full.output_size_in_bytes / mb,
+  }
 
 
 def main():
@@ -74,22 +76,38 @@ def main():
   for dtype_name in args.dtypes.split(","):
     for shape in shapes:
       x = jnp.zeros((batch,) + shape, dtype_name)
-      impls = {"normjax": lambda: _normjax_apply(x),
-               "normjax_autodiff": lambda: _normjax_apply(x, closed_form=False),
-               "flax": lambda: _flax_apply(x, True), "flax_two_pass": lambda: _flax_apply(x, False)}
+      impls = {
+        "normjax": lambda: _normjax_apply(x),
+        "normjax_autodiff": lambda: _normjax_apply(x, closed_form=False),
+        "flax": lambda: _flax_apply(x, True),
+        "flax_two_pass": lambda: _flax_apply(x, False),
+      }
       for name, build in impls.items():
         apply, params = build()
         stats = _analyse(apply, params, x)
-        row = {"shape": "x".join(map(str, x.shape)), "dtype": dtype_name, "impl": name,
-               "x_MB": x.size * x.dtype.itemsize / 1e6, **stats}
+        row = {
+          "shape": "x".join(map(str, x.shape)),
+          "dtype": dtype_name,
+          "impl": name,
+          "x_MB": x.size * x.dtype.itemsize / 1e6,
+          **stats,
+        }
         rows.append(row)
         print(row, flush=True)
   print()
-  _common.print_table(rows, [("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("impl", "impl", "{}"),
-                             ("x_MB", "x MB", "{:.2f}"), ("residual_MB", "residual MB", "{:.2f}"),
-                             ("fwd_bwd_temp_MB", "fwd+bwd temp MB", "{:.2f}"),
-                             ("fwd_bwd_argument_MB", "args MB", "{:.2f}"),
-                             ("fwd_bwd_output_MB", "outputs MB", "{:.2f}")])
+  _common.print_table(
+    rows,
+    [
+      ("shape", "shape", "{}"),
+      ("dtype", "dtype", "{}"),
+      ("impl", "impl", "{}"),
+      ("x_MB", "x MB", "{:.2f}"),
+      ("residual_MB", "residual MB", "{:.2f}"),
+      ("fwd_bwd_temp_MB", "fwd+bwd temp MB", "{:.2f}"),
+      ("fwd_bwd_argument_MB", "args MB", "{:.2f}"),
+      ("fwd_bwd_output_MB", "outputs MB", "{:.2f}"),
+    ],
+  )
   _common.write_json(args.out, {"benchmark": "memory", "batch": batch, "rows": rows})
 
 

@@ -48,6 +48,7 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
   """ResNet-18 for 32x32 inputs: 3x3 stem, no max-pool, stages of 64/128/256/512 filters."""
+
   norm: Callable[..., Any]
   num_classes: int = 10
   dtype: Any = jnp.float32
@@ -75,15 +76,17 @@ def flax_norm(dtype=None):
 
 def make_step(model, tx):
   def loss_fn(params, batch_stats, images, labels):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, training=True,
-                                  mutable=["batch_stats"])
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": batch_stats}, images, training=True, mutable=["batch_stats"]
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, updates["batch_stats"]
 
   def step(state, images, labels):
     params, batch_stats, opt_state = state
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, images,
-                                                                            labels)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, batch_stats, images, labels
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
@@ -100,14 +103,18 @@ def main():
   if args.quick:
     batch, steps, dtypes = 4, 2, ["float32"]
   key = jax.random.key(0)
-  images = [jax.random.normal(k, (batch, 32, 32, 3)) for k in jax.random.split(key, args.input_sets)]
+  images = [
+    jax.random.normal(k, (batch, 32, 32, 3)) for k in jax.random.split(key, args.input_sets)
+  ]
   labels = [jax.random.randint(k, (batch,), 0, 10) for k in jax.random.split(key, args.input_sets)]
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
   rows = []
   for dtype_name in dtypes:
     dtype = jnp.dtype(dtype_name)
-    models = {"normjax": ResNet18(functools.partial(normjax_norm, dtype=dtype), dtype=dtype),
-              "flax": ResNet18(functools.partial(flax_norm, dtype=dtype), dtype=dtype)}
+    models = {
+      "normjax": ResNet18(functools.partial(normjax_norm, dtype=dtype), dtype=dtype),
+      "flax": ResNet18(functools.partial(flax_norm, dtype=dtype), dtype=dtype),
+    }
     states, steps_fn, losses = {}, {}, {}
     for name, model in models.items():
       variables = model.init(jax.random.key(1), images[0], training=False)
@@ -138,10 +145,19 @@ def main():
     rows.append(row)
     print(row, flush=True)
   print()
-  _common.print_table(rows, [("dtype", "dtype", "{}"), ("batch", "batch", "{}"),
-                             ("normjax_ms", "normjax ms/step", "{:.1f}"), ("flax_ms", "flax ms/step", "{:.1f}"),
-                             ("normjax_img_s", "normjax img/s", "{:.1f}"), ("flax_img_s", "flax img/s", "{:.1f}"),
-                             ("ratio", "nj/flax", "{:.3f}"), ("ratio_min", "nj/flax(min)", "{:.3f}")])
+  _common.print_table(
+    rows,
+    [
+      ("dtype", "dtype", "{}"),
+      ("batch", "batch", "{}"),
+      ("normjax_ms", "normjax ms/step", "{:.1f}"),
+      ("flax_ms", "flax ms/step", "{:.1f}"),
+      ("normjax_img_s", "normjax img/s", "{:.1f}"),
+      ("flax_img_s", "flax img/s", "{:.1f}"),
+      ("ratio", "nj/flax", "{:.3f}"),
+      ("ratio_min", "nj/flax(min)", "{:.3f}"),
+    ],
+  )
   _common.write_json(args.out, {"benchmark": "model_resnet18", "rows": rows})
 
 

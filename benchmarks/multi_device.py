@@ -13,7 +13,9 @@ Usage:
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  )
 
 import flax.linen as nn
 import jax
@@ -30,8 +32,9 @@ def _normjax(sync, x):
   params, state = bn.init(x)
 
   def fwd_bwd(params, state, x, dy):
-    y, vjp, new_state = jax.vjp(lambda p, x: bn.apply(p, state, x, training=True), params, x,
-                                has_aux=True)
+    y, vjp, new_state = jax.vjp(
+      lambda p, x: bn.apply(p, state, x, training=True), params, x, has_aux=True
+    )
     dparams, dx = vjp(dy)
     return y, new_state, dx, dparams
 
@@ -62,7 +65,9 @@ def main():
   if args.quick:
     shapes, batch, repeats, dtypes = [(7, 7, 32)], 2, 2, ["float32"]
   devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh(
+    (len(devices),), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+  )
   rows = []
   for dtype_name in dtypes:
     for shape in shapes:
@@ -71,15 +76,28 @@ def main():
       xs = [(jax.random.normal(k, full) * 2 + 1).astype(dtype_name) for k in keys[1:]]
       dy = jax.random.normal(keys[0], full).astype(dtype_name)
       fns = {}
-      for name, builder, sync in (("normjax", _normjax, False), ("normjax_sync", _normjax, True),
-                                  ("flax", _flax, False), ("flax_sync", _flax, True)):
+      for name, builder, sync in (
+        ("normjax", _normjax, False),
+        ("normjax_sync", _normjax, True),
+        ("flax", _flax, False),
+        ("flax_sync", _flax, True),
+      ):
         fwd_bwd, params, state = builder(sync, xs[0][:batch])
+
         # Parameter gradients are summed over devices, as a data-parallel trainer does.
         def per_device(params, state, x, dy, fwd_bwd=fwd_bwd):
           y, new_state, dx, dparams = fwd_bwd(params, state, x, dy)
           return y, jax.lax.pmean(new_state, AXIS), dx, jax.lax.psum(dparams, AXIS)
-        mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS)),
-                                       out_specs=(P(AXIS), P(), P(AXIS), P()), check_vma=False))
+
+        mapped = jax.jit(
+          jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(), P(), P(AXIS), P(AXIS)),
+            out_specs=(P(AXIS), P(), P(AXIS), P()),
+            check_vma=False,
+          )
+        )
         fns[name] = (lambda f, p, s: lambda x, dy: f(p, s, x, dy))(mapped, params, state)
       times = _common.time_interleaved(fns, [(x, dy) for x in xs], repeats)
       row = {"shape": "x".join(map(str, full)), "dtype": dtype_name, "devices": len(devices)}
@@ -91,14 +109,24 @@ def main():
       rows.append(row)
       print(row, flush=True)
   print()
-  _common.print_table(rows, [("shape", "global shape", "{}"), ("dtype", "dtype", "{}"),
-                             ("normjax_ms", "nj ms", "{:.2f}"), ("normjax_sync_ms", "nj sync ms", "{:.2f}"),
-                             ("flax_ms", "flax ms", "{:.2f}"), ("flax_sync_ms", "flax sync ms", "{:.2f}"),
-                             ("sync_overhead_normjax", "nj sync/unsync", "{:.3f}"),
-                             ("sync_overhead_flax", "flax sync/unsync", "{:.3f}"),
-                             ("ratio_sync", "nj sync/flax sync", "{:.3f}")])
-  _common.write_json(args.out, {"benchmark": "multi_device", "batch_per_device": batch, "repeats": repeats,
-                                "rows": rows})
+  _common.print_table(
+    rows,
+    [
+      ("shape", "global shape", "{}"),
+      ("dtype", "dtype", "{}"),
+      ("normjax_ms", "nj ms", "{:.2f}"),
+      ("normjax_sync_ms", "nj sync ms", "{:.2f}"),
+      ("flax_ms", "flax ms", "{:.2f}"),
+      ("flax_sync_ms", "flax sync ms", "{:.2f}"),
+      ("sync_overhead_normjax", "nj sync/unsync", "{:.3f}"),
+      ("sync_overhead_flax", "flax sync/unsync", "{:.3f}"),
+      ("ratio_sync", "nj sync/flax sync", "{:.3f}"),
+    ],
+  )
+  _common.write_json(
+    args.out,
+    {"benchmark": "multi_device", "batch_per_device": batch, "repeats": repeats, "rows": rows},
+  )
 
 
 if __name__ == "__main__":

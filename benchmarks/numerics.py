@@ -12,8 +12,6 @@ Usage:
   python -m benchmarks.numerics --quick
 """
 
-
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,9 @@ def _normjax_var(x):
 
 
 def _flax_var(x, fast):
-  layer = nn.BatchNorm(use_running_average=False, momentum=0.0, use_fast_variance=fast, dtype=x.dtype)
+  layer = nn.BatchNorm(
+    use_running_average=False, momentum=0.0, use_fast_variance=fast, dtype=x.dtype
+  )
   variables = layer.init(jax.random.key(0), x)
   y, updates = jax.jit(lambda v, x: layer.apply(v, x, mutable=["batch_stats"]))(variables, x)
   return np.asarray(updates["batch_stats"]["var"], np.float64), y
@@ -53,8 +53,11 @@ def main():
       want = x64.var(axis=(0, 1, 2))
       want_y = (x64 - x64.mean(axis=(0, 1, 2))) / np.sqrt(want + 1e-5)
       row = {"dtype": dtype_name, "mean": mean, "true_var": float(want.mean())}
-      for name, fn in (("normjax", _normjax_var), ("flax", lambda x: _flax_var(x, True)),
-                       ("flax_two_pass", lambda x: _flax_var(x, False))):
+      for name, fn in (
+        ("normjax", _normjax_var),
+        ("flax", lambda x: _flax_var(x, True)),
+        ("flax_two_pass", lambda x: _flax_var(x, False)),
+      ):
         var, y = fn(x)
         err = np.abs(var - want)
         row[f"{name}_rel_err"] = float(np.max(err / want)) if np.all(want > 0) else None
@@ -64,12 +67,19 @@ def main():
       print(row, flush=True)
   print()
   fmt = "{:.2e}"
-  _common.print_table(rows, [("dtype", "dtype", "{}"), ("mean", "mean", "{:g}"),
-                             ("true_var", "float64 var", "{:.4f}"),
-                             ("normjax_rel_err", "normjax rel err", fmt),
-                             ("flax_rel_err", "flax (fast) rel err", fmt),
-                             ("flax_two_pass_rel_err", "flax 2-pass rel err", fmt),
-                             ("normjax_y_err", "normjax y err", fmt), ("flax_y_err", "flax y err", fmt)])
+  _common.print_table(
+    rows,
+    [
+      ("dtype", "dtype", "{}"),
+      ("mean", "mean", "{:g}"),
+      ("true_var", "float64 var", "{:.4f}"),
+      ("normjax_rel_err", "normjax rel err", fmt),
+      ("flax_rel_err", "flax (fast) rel err", fmt),
+      ("flax_two_pass_rel_err", "flax 2-pass rel err", fmt),
+      ("normjax_y_err", "normjax y err", fmt),
+      ("flax_y_err", "flax y err", fmt),
+    ],
+  )
   _common.write_json(args.out, {"benchmark": "numerics", "shape": shape, "rows": rows})
 
 

@@ -39,15 +39,28 @@ from normjax._src import renorm as renorm_lib
 from normjax._src import stats
 from normjax._src import validation
 
-SHAPES = [(56, 56, 64), (56, 56, 256), (28, 28, 128), (28, 28, 512), (14, 14, 256), (14, 14, 1024),
-          (7, 7, 512), (7, 7, 2048)]
+SHAPES = [
+  (56, 56, 64),
+  (56, 56, 256),
+  (28, 28, 128),
+  (28, 28, 512),
+  (14, 14, 256),
+  (14, 14, 1024),
+  (7, 7, 512),
+  (7, 7, 2048),
+]
 VARIANTS = ("default", "ghost", "renorm", "sync", "masked")
 AXIS = "batch"
 
 
 def _options(variant, batch):
-  return {"default": {}, "ghost": {"ghost_batch_size": max(2, batch // 2)}, "renorm": {"renorm": True},
-          "sync": {"axis_name": AXIS}, "masked": {}}[variant]
+  return {
+    "default": {},
+    "ghost": {"ghost_batch_size": max(2, batch // 2)},
+    "renorm": {"renorm": True},
+    "sync": {"axis_name": AXIS},
+    "masked": {},
+  }[variant]
 
 
 def autodiff_output(options, params, state, x, mask=None):
@@ -60,20 +73,44 @@ def autodiff_output(options, params, state, x, mask=None):
   scale = params["scale"].reshape(bshape) if config.use_scale else None
   bias = params["bias"].reshape(bshape) if config.use_bias else None
   xg, mask_g = batch_norm_lib._grouped(  # pylint: disable=protected-access
-      config, x, validation.prepare_mask(mask, x.shape))
+    config, x, validation.prepare_mask(mask, x.shape)
+  )
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   r = d = None
   if config.renorm:
-    mean, var, _ = stats.moments_and_count(xg, reduce_axes, mask=mask_g, axis_name=config.axis_name,
-                                           axis_index_groups=config.axis_index_groups,
-                                           method=config.stats_method)
-    r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
-                                  state.count, r_max=config.r_max, d_max=config.d_max,
-                                  epsilon=config.epsilon)
+    mean, var, _ = stats.moments_and_count(
+      xg,
+      reduce_axes,
+      mask=mask_g,
+      axis_name=config.axis_name,
+      axis_index_groups=config.axis_index_groups,
+      method=config.stats_method,
+    )
+    r, d = renorm_lib.corrections(
+      mean,
+      var,
+      state.mean.reshape(bshape),
+      state.var.reshape(bshape),
+      state.count,
+      r_max=config.r_max,
+      d_max=config.d_max,
+      epsilon=config.epsilon,
+    )
   y = fused_batch_norm.normalize_training(
-      xg, mask_g, scale, bias, r, d, reduce_axes=reduce_axes, axis_name=config.axis_name,
-      axis_index_groups=config.axis_index_groups, method=config.stats_method, epsilon=config.epsilon,
-      dtype=config.dtype or x.dtype, closed_form=False)
+    xg,
+    mask_g,
+    scale,
+    bias,
+    r,
+    d,
+    reduce_axes=reduce_axes,
+    axis_name=config.axis_name,
+    axis_index_groups=config.axis_index_groups,
+    method=config.stats_method,
+    epsilon=config.epsilon,
+    dtype=config.dtype or x.dtype,
+    closed_form=False,
+  )
   return y.reshape(x.shape)
 
 
@@ -106,21 +143,30 @@ def _normjax_fns(variant, batch, x, closed_form=True):
 
 
 def _flax_fns(variant, x, fast_variance):
-  layer = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5,
-                       use_fast_variance=fast_variance, axis_name=AXIS if variant == "sync" else None,
-                       dtype=x.dtype)  # same output dtype as normjax (flax would promote bf16 to f32)
+  layer = nn.BatchNorm(
+    use_running_average=False,
+    momentum=0.99,
+    epsilon=1e-5,
+    use_fast_variance=fast_variance,
+    axis_name=AXIS if variant == "sync" else None,
+    dtype=x.dtype,
+  )  # same output dtype as normjax (flax would promote bf16 to f32)
   variables = layer.init(jax.random.key(0), x)  # init does not need the axis bound
   params, state = variables["params"], variables["batch_stats"]
 
   def fwd(params, state, x, dy, mask):
     del dy
-    return layer.apply({"params": params, "batch_stats": state}, x, mask=mask, mutable=["batch_stats"])
+    return layer.apply(
+      {"params": params, "batch_stats": state}, x, mask=mask, mutable=["batch_stats"]
+    )
 
   def fwd_bwd(params, state, x, dy, mask):
     def f(p, x):
-      y, updates = layer.apply({"params": p, "batch_stats": state}, x, mask=mask,
-                               mutable=["batch_stats"])
+      y, updates = layer.apply(
+        {"params": p, "batch_stats": state}, x, mask=mask, mutable=["batch_stats"]
+      )
       return y, updates
+
     y, vjp, new_state = jax.vjp(f, params, x, has_aux=True)
     dparams, dx = vjp(dy)
     return y, new_state, dx, dparams["scale"], dparams["bias"]
@@ -131,11 +177,16 @@ def _flax_fns(variant, x, fast_variance):
 def _compile(fn, variant, masked, mode):
   """jit, under a 1-device shard_map for `sync`; the mask argument is None unless masked."""
   if variant == "sync":
-    mesh = jax.make_mesh((1,), (AXIS,), devices=jax.devices()[:1],
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS) if masked else None),
-                       out_specs=(P(AXIS), P()) if mode == "fwd" else (P(AXIS), P(), P(AXIS), P(), P()),
-                       check_vma=False)
+    mesh = jax.make_mesh(
+      (1,), (AXIS,), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,)
+    )
+    fn = jax.shard_map(
+      fn,
+      mesh=mesh,
+      in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS) if masked else None),
+      out_specs=(P(AXIS), P()) if mode == "fwd" else (P(AXIS), P(), P(AXIS), P(), P()),
+      check_vma=False,
+    )
   return jax.jit(fn)
 
 
@@ -154,13 +205,20 @@ def run(shapes, batch, dtypes, variants, repeats, input_sets, impls):
       nbytes = int(np.prod(full)) * dtype.itemsize
       for variant in variants:
         m = mask if variant == "masked" else None
-        builders = {"normjax": lambda x: _normjax_fns(variant, batch, x),
-                    "normjax_autodiff": lambda x: _normjax_fns(variant, batch, x, closed_form=False),
-                    "flax": lambda x: _flax_fns(variant, x, True),
-                    "flax_two_pass": lambda x: _flax_fns(variant, x, False)}
+        builders = {
+          "normjax": lambda x: _normjax_fns(variant, batch, x),
+          "normjax_autodiff": lambda x: _normjax_fns(variant, batch, x, closed_form=False),
+          "flax": lambda x: _flax_fns(variant, x, True),
+          "flax_two_pass": lambda x: _flax_fns(variant, x, False),
+        }
         for mode in ("fwd", "fwd+bwd"):
-          row = {"shape": "x".join(map(str, full)), "dtype": dtype_name, "variant": variant, "mode": mode,
-                 "MB": nbytes / 1e6}
+          row = {
+            "shape": "x".join(map(str, full)),
+            "dtype": dtype_name,
+            "variant": variant,
+            "mode": mode,
+            "MB": nbytes / 1e6,
+          }
           floor = (2 if mode == "fwd" else 5) * nbytes
           fns = {}
           for impl in impls:
@@ -181,8 +239,12 @@ def run(shapes, batch, dtypes, variants, repeats, input_sets, impls):
           if "normjax" in impls and "flax_two_pass" in impls:
             row["ratio_two_pass"] = row["normjax_ms"] / row["flax_two_pass_ms"]
           rows.append(row)
-          print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                flush=True)
+          print(
+            " ".join(
+              f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            ),
+            flush=True,
+          )
   return rows
 
 
@@ -191,28 +253,60 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--variants", default=",".join(VARIANTS))
-  p.add_argument("--shapes", default=None, help="e.g. 56x56x64,7x7x2048 (default: all ResNet-50 shapes)")
-  p.add_argument("--impls", default="normjax,flax,flax_two_pass,normjax_autodiff",
-                 help="normjax_autodiff: normjax differentiated by plain autodiff through the statistics "
-                 "(closed_form=False, the previous code path)")
+  p.add_argument(
+    "--shapes", default=None, help="e.g. 56x56x64,7x7x2048 (default: all ResNet-50 shapes)"
+  )
+  p.add_argument(
+    "--impls",
+    default="normjax,flax,flax_two_pass,normjax_autodiff",
+    help="normjax_autodiff: normjax differentiated by plain autodiff through the statistics "
+    "(closed_form=False, the previous code path)",
+  )
   args = p.parse_args()
-  shapes = SHAPES if args.shapes is None else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+  shapes = (
+    SHAPES
+    if args.shapes is None
+    else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+  )
   batch, repeats = args.batch, args.repeats or 20
   dtypes, variants = args.dtypes.split(","), args.variants.split(",")
   if args.quick:
-    shapes, batch, repeats, dtypes, variants = [(7, 7, 64)], 4, args.repeats or 2, ["float32"], ["sync"]
+    shapes, batch, repeats, dtypes, variants = (
+      [(7, 7, 64)],
+      4,
+      args.repeats or 2,
+      ["float32"],
+      ["sync"],
+    )
   rows = run(shapes, batch, dtypes, variants, repeats, args.input_sets, args.impls.split(","))
   print()
-  cols = [("shape", "shape", "{}"), ("dtype", "dtype", "{}"), ("variant", "variant", "{}"),
-          ("mode", "mode", "{}"), ("normjax_ms", "normjax ms", "{:.3f}"), ("flax_ms", "flax ms", "{:.3f}"),
-          ("flax_two_pass_ms", "flax 2-pass ms", "{:.3f}"), ("normjax_GBps", "normjax GB/s", "{:.2f}"),
-          ("flax_GBps", "flax GB/s", "{:.2f}"), ("ratio", "nj/flax", "{:.3f}"),
-          ("ratio_min", "nj/flax(min)", "{:.3f}"),
-          ("ratio_two_pass", "nj/flax2p", "{:.3f}"), ("normjax_autodiff_ms", "nj autodiff ms", "{:.3f}"),
-          ("ratio_autodiff", "nj-autodiff/flax", "{:.3f}")]
+  cols = [
+    ("shape", "shape", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("variant", "variant", "{}"),
+    ("mode", "mode", "{}"),
+    ("normjax_ms", "normjax ms", "{:.3f}"),
+    ("flax_ms", "flax ms", "{:.3f}"),
+    ("flax_two_pass_ms", "flax 2-pass ms", "{:.3f}"),
+    ("normjax_GBps", "normjax GB/s", "{:.2f}"),
+    ("flax_GBps", "flax GB/s", "{:.2f}"),
+    ("ratio", "nj/flax", "{:.3f}"),
+    ("ratio_min", "nj/flax(min)", "{:.3f}"),
+    ("ratio_two_pass", "nj/flax2p", "{:.3f}"),
+    ("normjax_autodiff_ms", "nj autodiff ms", "{:.3f}"),
+    ("ratio_autodiff", "nj-autodiff/flax", "{:.3f}"),
+  ]
   _common.print_table(rows, cols)
-  _common.write_json(args.out, {"benchmark": "op_batch_norm", "batch": batch, "repeats": repeats,
-                                "input_sets": args.input_sets, "rows": rows})
+  _common.write_json(
+    args.out,
+    {
+      "benchmark": "op_batch_norm",
+      "batch": batch,
+      "repeats": repeats,
+      "input_sets": args.input_sets,
+      "rows": rows,
+    },
+  )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def public_names(module):
   """The public names of `module`: `__all__`, else its non-underscore attributes that are not modules."""
   if hasattr(module, "__all__"):  # dunder entries (`__version__`) are data, not API
     return [n for n in module.__all__ if not (n.startswith("__") and n.endswith("__"))]
-  return sorted(n for n, v in vars(module).items()
-                if not n.startswith("_") and not inspect.ismodule(v))
+  return sorted(
+    n for n, v in vars(module).items() if not n.startswith("_") and not inspect.ismodule(v)
+  )
 
 
 def own_docstring(obj):
@@ -94,13 +95,18 @@ def main(argv):
         problems.append(f"{full}: no docstring of its own")
       if inspect.isclass(obj):
         for member in undocumented_members(obj):
-          (problems if strict_members else warnings).append(f"{full}.{member}: public method or property without a docstring")
+          (problems if strict_members else warnings).append(
+            f"{full}.{member}: public method or property without a docstring"
+          )
       if full not in identifiers:
-        problems.append(f"{full}: missing from the API pages (add '::: {full}' to a page under "
-                        f"docs/pages/api/)")
+        problems.append(
+          f"{full}: missing from the API pages (add '::: {full}' to a page under docs/pages/api/)"
+        )
   for ident, pages in sorted(identifiers.items()):
     if ident not in expected:
-      problems.append(f"'::: {ident}' in {', '.join(pages)}: not a public name of {', '.join(MODULES)}")
+      problems.append(
+        f"'::: {ident}' in {', '.join(pages)}: not a public name of {', '.join(MODULES)}"
+      )
   for line in warnings:
     print(f"check_api: warning: {line}", file=sys.stderr)
   for line in problems:
@@ -108,8 +114,10 @@ def main(argv):
   if problems:
     print(f"check_api: {len(problems)} problem(s)", file=sys.stderr)
     return 1
-  print(f"check_api: {checked} public names in {len(MODULES)} modules, all documented and on the "
-        f"API pages ({len(warnings)} member warning(s))")
+  print(
+    f"check_api: {checked} public names in {len(MODULES)} modules, all documented and on the "
+    f"API pages ({len(warnings)} member warning(s))"
+  )
   return 0
 
 

@@ -17,8 +17,16 @@ import re
 import griffe
 
 _SECTION = re.compile(r"^(?P<title>[A-Za-z][A-Za-z ]*):\s*$")
-_ITEM_SECTIONS = {"args", "arguments", "params", "parameters", "attributes",
-                  "keyword args", "keyword arguments", "other parameters"}
+_ITEM_SECTIONS = {
+  "args",
+  "arguments",
+  "params",
+  "parameters",
+  "attributes",
+  "keyword args",
+  "keyword arguments",
+  "other parameters",
+}
 _NAMES = re.compile(r"^(?P<names>\**\w+(?:\s*,\s*\**\w+)+)\s*:(?P<rest>.*)$")
 _NAME_LIST_PREFIX = re.compile(r"^\**\w+(?:\s*,\s*\**\w+)*\s*,$")
 
@@ -76,7 +84,7 @@ def rewrite(text):
     j = i + 1
     while j < len(lines) and (not lines[j].strip() or _indent(lines[j]) > 0):
       j += 1
-    body = lines[i + 1:j]
+    body = lines[i + 1 : j]
     out.extend(_split_items(body) if title.lower() in _ITEM_SECTIONS else body)
     i = j
   return "\n".join(out)

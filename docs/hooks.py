@@ -28,12 +28,12 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
 
 # Repository files published under their own paths (glob patterns relative to ROOT).
 EXTERNAL = (
-    "BENCHMARKS.md",
-    "RESULTS.md",
-    "results/*.png",
-    "notebooks/*.ipynb",
-    "docs/migration.md",
-    "experiments/README.md",
+  "BENCHMARKS.md",
+  "RESULTS.md",
+  "results/*.png",
+  "notebooks/*.ipynb",
+  "docs/migration.md",
+  "experiments/README.md",
 )
 
 _INCLUDE = re.compile(r'^<!--\s*include\s+(\S+)\s+"([^"]+)"((?:\s+\w+=\S+)*)\s*-->\s*$')
@@ -42,7 +42,9 @@ _HEADING = re.compile(r"^(#{1,6})\s")
 _MODES = ("section", "intro", "subsections")
 # A fence opened as "```python before-linen" (the migration guide tags its blocks for its test) is not
 # a fence header that pymdownx.superfences accepts; the tag becomes the block's title.
-_TAGGED_FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+|~~~+)(?P<lang>[\w+#.-]+)\s+(?P<tag>[\w.-]+)\s*$")
+_TAGGED_FENCE = re.compile(
+  r"^(?P<indent>\s*)(?P<fence>```+|~~~+)(?P<lang>[\w+#.-]+)\s+(?P<tag>[\w.-]+)\s*$"
+)
 
 
 @event_priority(100)  # before mkdocs-jupyter turns the notebooks into pages
@@ -79,20 +81,29 @@ def extract(text, heading, mode="section", level=None):
   levels = dict(_lines_outside_fences(lines))
   starts = [i for i, lvl in levels.items() if lvl and lines[i].strip() == heading.strip()]
   if len(starts) != 1:
-    raise PluginError(f"include: heading {heading!r} found {len(starts)} times, expected exactly once")
+    raise PluginError(
+      f"include: heading {heading!r} found {len(starts)} times, expected exactly once"
+    )
   start = starts[0]
   own = levels[start]
-  end = next((i for i in range(start + 1, len(lines)) if levels[i] and levels[i] <= own), len(lines))
+  end = next(
+    (i for i in range(start + 1, len(lines)) if levels[i] and levels[i] <= own), len(lines)
+  )
   first_sub = next((i for i in range(start + 1, end) if levels[i]), end)
-  part = {"section": (start, end), "intro": (start + 1, first_sub),
-          "subsections": (first_sub, end)}[mode]
-  chunk = lines[part[0]:part[1]]
+  part = {
+    "section": (start, end),
+    "intro": (start + 1, first_sub),
+    "subsections": (first_sub, end),
+  }[mode]
+  chunk = lines[part[0] : part[1]]
   if level is not None:
     top = min((levels[i] for i in range(*part) if levels[i]), default=None)
     if top is not None:
       shift = level - top
-      chunk = [("#" * (levels[i] + shift) + lines[i][levels[i]:]) if levels[i] else lines[i]
-               for i in range(*part)]
+      chunk = [
+        ("#" * (levels[i] + shift) + lines[i][levels[i] :]) if levels[i] else lines[i]
+        for i in range(*part)
+      ]
   return "\n".join(chunk).strip("\n") + "\n"
 
 

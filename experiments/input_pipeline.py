@@ -30,6 +30,7 @@ from experiments import tfds_builders
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the models and the training loop need to know about a prepared dataset."""
+
   name: str
   image_shape: Tuple[int, ...]  # (H, W, C) of one image
   num_classes: int
@@ -48,26 +49,37 @@ def get_datasets(config) -> Tuple[Sequence[Dict[str, Any]], Sequence[Dict[str, A
     FileNotFoundError, tfds_builders.DataFormatError: missing or malformed source files.
   """
   if config.dataset.startswith("tfds:"):
-    name = config.dataset[len("tfds:"):]
+    name = config.dataset[len("tfds:") :]
     builder = tfds.builder(name, data_dir=config.cache_dir)
     if not builder.is_prepared():
-      raise FileNotFoundError(f"tfds catalog dataset {name!r} is not prepared under {config.cache_dir!r}; "
-                              "prepare it (ArrayRecord format) beforehand: experiments never download.")
+      raise FileNotFoundError(
+        f"tfds catalog dataset {name!r} is not prepared under {config.cache_dir!r}; "
+        "prepare it (ArrayRecord format) beforehand: experiments never download."
+      )
     tfds_builders.check_prepared(builder)
   else:
     data_dir = config.get("data_dir") or None
     # One process prepares; the others wait, then read the same files.
     if jax.process_index() == 0:
-      builder = tfds_builders.prepare(config.dataset, source_dir=data_dir, cache_dir=config.cache_dir)
+      builder = tfds_builders.prepare(
+        config.dataset, source_dir=data_dir, cache_dir=config.cache_dir
+      )
     _sync_processes("prepare_" + config.dataset)
     if jax.process_index() != 0:
-      builder = tfds_builders.prepare(config.dataset, source_dir=data_dir, cache_dir=config.cache_dir)
+      builder = tfds_builders.prepare(
+        config.dataset, source_dir=data_dir, cache_dir=config.cache_dir
+      )
   train = builder.as_data_source(split=config.get("train_split", "train"))
   test = builder.as_data_source(split=config.get("test_split", "test"))
   features = builder.info.features
   num_classes = getattr(features["label"], "num_classes", None) or config.get("num_classes", 10)
-  info = DatasetInfo(name=config.dataset, image_shape=tuple(features["image"].shape), num_classes=num_classes,
-                     num_train=len(train), num_test=len(test))
+  info = DatasetInfo(
+    name=config.dataset,
+    image_shape=tuple(features["image"].shape),
+    num_classes=num_classes,
+    num_train=len(train),
+    num_test=len(test),
+  )
   _check_counts(builder, info)
   return train, test, info
 
@@ -77,20 +89,24 @@ def _check_counts(builder, info: DatasetInfo) -> None:
   for split, n in (("train", info.num_train), ("test", info.num_test)):
     if split in expected and expected[split] != n:
       raise tfds_builders.DataFormatError(
-          f"{builder.data_dir}: the prepared {split} split has {n} examples, expected {expected[split]}; "
-          "delete the cache directory and prepare again")
+        f"{builder.data_dir}: the prepared {split} split has {n} examples, expected {expected[split]}; "
+        "delete the cache directory and prepare again"
+      )
 
 
 def _sync_processes(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices(name)
 
 
 def _local_rows(global_batch_size: int) -> slice:
   count, index = jax.process_count(), jax.process_index()
   if global_batch_size % count:
-    raise ValueError(f"batch_size={global_batch_size} must be divisible by the process count {count}")
+    raise ValueError(
+      f"batch_size={global_batch_size} must be divisible by the process count {count}"
+    )
   local = global_batch_size // count
   return slice(index * local, (index + 1) * local)
 
@@ -101,13 +117,18 @@ def _read_batch(source, indices: np.ndarray) -> Dict[str, np.ndarray]:
   except RuntimeError as e:  # ArrayRecord / Riegeli: a file of the prepared dataset is damaged
     where = getattr(getattr(source, "dataset_info", None), "data_dir", "the prepared dataset")
     raise tfds_builders.DataFormatError(
-        f"{where}: reading examples {int(indices[0])}..{int(indices[-1])} failed ({e}); the prepared files are "
-        f"damaged: delete {where} and run again to prepare it anew") from e
-  return {"image": np.stack([r["image"] for r in records]),
-          "label": np.asarray([r["label"] for r in records], np.int32)}
+      f"{where}: reading examples {int(indices[0])}..{int(indices[-1])} failed ({e}); the prepared files are "
+      f"damaged: delete {where} and run again to prepare it anew"
+    ) from e
+  return {
+    "image": np.stack([r["image"] for r in records]),
+    "label": np.asarray([r["label"] for r in records], np.int32),
+  }
 
 
-def _preprocess(batch: Dict[str, np.ndarray], mean: Sequence[float], std: Sequence[float]) -> Dict[str, np.ndarray]:
+def _preprocess(
+  batch: Dict[str, np.ndarray], mean: Sequence[float], std: Sequence[float]
+) -> Dict[str, np.ndarray]:
   image = batch["image"].astype(np.float32) / 255.0
   image = (image - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
   return {"image": image, "label": batch["label"]}
@@ -136,11 +157,17 @@ def train_batches(source, config, *, start_step: int = 0, total_steps: int) -> g
     raise ValueError(f"batch_size={bs} exceeds the {n} training examples")
   epochs = -(-total_steps * bs // n) + 1
   rows = _local_rows(bs)
-  ds = (grain.MapDataset.range(n).shuffle(seed=config.seed).repeat(epochs)
-        .batch(bs, drop_remainder=True)[start_step:total_steps])
-  return (ds.map(lambda idx: idx[rows])
-          .map(lambda idx: _read_batch(source, idx))
-          .map(lambda b: _preprocess(b, config.data_mean, config.data_std)))
+  ds = (
+    grain.MapDataset.range(n)
+    .shuffle(seed=config.seed)
+    .repeat(epochs)
+    .batch(bs, drop_remainder=True)[start_step:total_steps]
+  )
+  return (
+    ds.map(lambda idx: idx[rows])
+    .map(lambda idx: _read_batch(source, idx))
+    .map(lambda b: _preprocess(b, config.data_mean, config.data_std))
+  )
 
 
 def eval_batches(source, config) -> grain.MapDataset:
@@ -160,7 +187,9 @@ def eval_batches(source, config) -> grain.MapDataset:
   def read(i):
     idx = np.arange(i * bs, (i + 1) * bs)[rows]
     mask = (idx < n).astype(np.float32)
-    batch = _preprocess(_read_batch(source, np.minimum(idx, n - 1)), config.data_mean, config.data_std)
+    batch = _preprocess(
+      _read_batch(source, np.minimum(idx, n - 1)), config.data_mean, config.data_std
+    )
     return {**batch, "mask": mask}
 
   return grain.MapDataset.range(num_batches).map(read)
@@ -170,5 +199,7 @@ def prefetch(ds: grain.MapDataset, buffer_size: int = 2) -> Iterator[Dict[str, n
   """Iterates `ds` with a background thread pool reading `buffer_size` batches ahead (deterministic order)."""
   if buffer_size <= 0:
     return iter(ds)
-  options = grain.ReadOptions(num_threads=min(buffer_size, os.cpu_count() or 1), prefetch_buffer_size=buffer_size)
+  options = grain.ReadOptions(
+    num_threads=min(buffer_size, os.cpu_count() or 1), prefetch_buffer_size=buffer_size
+  )
   return iter(ds.to_iter_dataset(read_options=options))

@@ -17,15 +17,20 @@ from absl import logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "digits_bn_vs_none.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "A config file defining get_config().",
-                                lock_config=False)
+config_flags.DEFINE_config_file(
+  "config", _DEFAULT_CONFIG, "A config file defining get_config().", lock_config=False
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (default: runs/<config.name>).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", None,
-                                 "Call jax.distributed.initialize() (default: when JAX_COORDINATOR_ADDRESS is set).")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  None,
+  "Call jax.distributed.initialize() (default: when JAX_COORDINATOR_ADDRESS is set).",
+)
 
 
 def _initialize_distributed() -> None:
   import jax  # pylint: disable=g-import-not-at-top
+
   env = os.environ
   distributed = _DISTRIBUTED.value
   if distributed is None:
@@ -47,19 +52,25 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   _initialize_distributed()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   tfds.disable_progress_bar()
   from experiments import compare  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
+
   config = flags.FLAGS.config
   workdir = _WORKDIR.value or os.path.join("runs", config.name)
   from experiments import config_checks  # pylint: disable=g-import-not-at-top
+
   try:
     if config.get("compare"):
       compare.run_comparison(config, workdir)
     else:
       result = train.train_and_evaluate(config, workdir)
       print(compare.format_table({config.name: result}))
-  except (FloatingPointError, config_checks.ConfigError) as e:  # say what to do, without a traceback
+  except (
+    FloatingPointError,
+    config_checks.ConfigError,
+  ) as e:  # say what to do, without a traceback
     raise SystemExit(f"error: {e}") from None
 
 

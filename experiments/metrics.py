@@ -30,7 +30,10 @@ class MetricWriter:
         rows = [r for r in read_csv(path) if int(r["step"]) <= start_step]
         _write_rows(path, rows)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    self._tb = SummaryWriter(
+      os.path.join(workdir, "tensorboard"), purge_step=start_step + 1 if start_step else None
+    )
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, f"{name}.csv")
@@ -92,7 +95,9 @@ def plot_runs(runs: Mapping[str, str], out_path: str, title: Optional[str] = Non
         continue
       prefix = "" if name == "train" else "eval_"
       for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(*_column(rows, prefix + key), style, color=color, label=f"{label} ({name})", markersize=3)
+        ax.plot(
+          *_column(rows, prefix + key), style, color=color, label=f"{label} ({name})", markersize=3
+        )
   for ax, key in zip(axes, ("loss", "accuracy")):
     ax.set_xlabel("step")
     ax.set_ylabel(key)

@@ -30,7 +30,15 @@ import normjax
 import normjax.linen as njl
 
 NormFactory = Callable[[], nn.Module]
-NORMS = ("batch_norm", "sync_batch_norm", "ghost_batch_norm", "batch_renorm", "group_norm", "layer_norm", "none")
+NORMS = (
+  "batch_norm",
+  "sync_batch_norm",
+  "ghost_batch_norm",
+  "batch_renorm",
+  "group_norm",
+  "layer_norm",
+  "none",
+)
 BATCH_AXIS = "batch"  # the mesh / shard_map axis name over data-parallel devices
 
 
@@ -45,6 +53,7 @@ class Identity(nn.Module):
 
 class _TrainingAgnostic(nn.Module):
   """Adapts a per-example norm whose `__call__` has no `training` argument to the factory protocol."""
+
   module: Callable[[], nn.Module]
 
   @nn.compact
@@ -56,8 +65,10 @@ class _TrainingAgnostic(nn.Module):
 def _optional_layer(name: str, **kwargs) -> NormFactory:
   layer = getattr(njl, name, None)
   if layer is None:
-    raise NotImplementedError(f"normjax.linen.{name} is not available in this normjax version; "
-                              f"choose another config.norm from {NORMS}")
+    raise NotImplementedError(
+      f"normjax.linen.{name} is not available in this normjax version; "
+      f"choose another config.norm from {NORMS}"
+    )
   if "training" in inspect.signature(layer.__call__).parameters:
     return functools.partial(layer, **kwargs)
   return functools.partial(_TrainingAgnostic, module=functools.partial(layer, **kwargs))
@@ -80,11 +91,18 @@ def make_norm(config) -> NormFactory:
   if name == "batch_renorm":
     r_max, d_max = config.get("renorm_r_max", 3.0), config.get("renorm_d_max", 5.0)
     warmup = config.get("renorm_warmup_steps", 0)
-    if warmup:  # Ioffe 2017's schedule with its step ratios (5k plain BN, d_max ramp to 25k, r_max to 40k)
+    if (
+      warmup
+    ):  # Ioffe 2017's schedule with its step ratios (5k plain BN, d_max ramp to 25k, r_max to 40k)
       clip = normjax.batch_renorm_paper_schedule(warmup, r_max, 8 * warmup, d_max, 5 * warmup)
       r_max, d_max = clip.r_max, clip.d_max
-    return functools.partial(njl.BatchRenorm, r_max=r_max, d_max=d_max,
-                             ghost_batch_size=config.get("renorm_ghost_batch_size", 0) or None, **bn)
+    return functools.partial(
+      njl.BatchRenorm,
+      r_max=r_max,
+      d_max=d_max,
+      ghost_batch_size=config.get("renorm_ghost_batch_size", 0) or None,
+      **bn,
+    )
   if name == "group_norm":
     return _optional_layer("GroupNorm", num_groups=config.get("num_groups", 8))
   if name == "layer_norm":
@@ -96,6 +114,7 @@ def make_norm(config) -> NormFactory:
 
 class NormAct(nn.Module):
   """Normalization and activation in the order `position` says: "before" (norm → act) or "after" (act → norm)."""
+
   norm: NormFactory
   act: Callable[[Any], Any] = nn.relu
   position: str = "before"
@@ -106,7 +125,9 @@ class NormAct(nn.Module):
       return self.act(self.norm()(x, training=training))
     if self.position == "after":
       return self.norm()(self.act(x), training=training)
-    raise ValueError(f"norm_position={self.position!r}: expected 'before' or 'after' (the activation)")
+    raise ValueError(
+      f"norm_position={self.position!r}: expected 'before' or 'after' (the activation)"
+    )
 
 
 def _use_bias(norm: NormFactory) -> bool:
@@ -115,6 +136,7 @@ def _use_bias(norm: NormFactory) -> bool:
 
 class MnistCNN(nn.Module):
   """The seeds' MNIST CNN: Conv 32 → BN → Conv 64 → BN → MaxPool → Dense 128 → BN → Dense 10 (ReLUs)."""
+
   norm: NormFactory
   num_classes: int = 10
   norm_position: str = "before"
@@ -136,6 +158,7 @@ class CifarCNN(nn.Module):
 
   The Dense 1024 layer is named "dense_1024" so that a `max_norm` constraint can select its kernel.
   """
+
   norm: NormFactory
   num_classes: int = 10
   norm_position: str = "before"
@@ -156,6 +179,7 @@ class CifarCNN(nn.Module):
 
 class BasicBlock(nn.Module):
   """ResNet basic block: two 3×3 convs with norms, projection shortcut when the shape changes."""
+
   features: int
   strides: int
   norm: NormFactory
@@ -177,12 +201,15 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
   """ResNet for 32×32 inputs: ResNet-20 (He et al. 2016, §4.2, widths 16/32/64) or ResNet-18 (64…512)."""
+
   stage_sizes: Sequence[int]
   widths: Sequence[int]
   norm: NormFactory
   num_classes: int = 10
   norm_position: str = "before"
-  weight_standardization: bool = False  # every conv standardizes its kernel (normjax WeightStandardizedConv)
+  weight_standardization: bool = (
+    False  # every conv standardizes its kernel (normjax WeightStandardizedConv)
+  )
 
   @nn.compact
   def __call__(self, x, *, training: bool):
@@ -191,7 +218,9 @@ class ResNet(nn.Module):
     x = NormAct(self.norm, position=self.norm_position)(x, training=training)
     for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(blocks):
-        x = BasicBlock(width, 2 if i > 0 and j == 0 else 1, self.norm, self.norm_position, conv)(x, training=training)
+        x = BasicBlock(width, 2 if i > 0 and j == 0 else 1, self.norm, self.norm_position, conv)(
+          x, training=training
+        )
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 
@@ -208,9 +237,19 @@ def create_model(config, num_classes: int) -> nn.Module:
     raise ValueError(f"config.model={config.model!r}: expected one of {sorted(MODELS)}")
   kwargs = dict(config.get("model_kwargs", {}) or {})
   if config.get("weight_standardization", False):
-    if not issubclass(MODELS[config.model].func if isinstance(MODELS[config.model], functools.partial)
-                      else MODELS[config.model], ResNet):
-      raise ValueError(f"config.weight_standardization=True needs a ResNet model, got config.model={config.model!r}")
+    if not issubclass(
+      MODELS[config.model].func
+      if isinstance(MODELS[config.model], functools.partial)
+      else MODELS[config.model],
+      ResNet,
+    ):
+      raise ValueError(
+        f"config.weight_standardization=True needs a ResNet model, got config.model={config.model!r}"
+      )
     kwargs["weight_standardization"] = True
-  return MODELS[config.model](norm=make_norm(config), num_classes=num_classes,
-                              norm_position=config.get("norm_position", "before"), **kwargs)
+  return MODELS[config.model](
+    norm=make_norm(config),
+    num_classes=num_classes,
+    norm_position=config.get("norm_position", "before"),
+    **kwargs,
+  )

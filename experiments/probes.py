@@ -32,9 +32,14 @@ def _summaries(x: jax.Array) -> Dict[str, jax.Array]:
   x = x.astype(jnp.float32).reshape(-1, x.shape[-1])  # (examples × positions, channels)
   unit = x[:, 0]
   means, stds = x.mean(0), x.std(0)
-  return {"unit0_p15": jnp.percentile(unit, 15), "unit0_p50": jnp.percentile(unit, 50),
-          "unit0_p85": jnp.percentile(unit, 85), "mean_of_channel_means": means.mean(),
-          "mean_of_abs_channel_means": jnp.abs(means).mean(), "mean_of_channel_stds": stds.mean()}
+  return {
+    "unit0_p15": jnp.percentile(unit, 15),
+    "unit0_p50": jnp.percentile(unit, 50),
+    "unit0_p85": jnp.percentile(unit, 85),
+    "mean_of_channel_means": means.mean(),
+    "mean_of_abs_channel_means": jnp.abs(means).mean(),
+    "mean_of_channel_stds": stds.mean(),
+  }
 
 
 def _layer_name(path) -> str:
@@ -44,8 +49,13 @@ def _layer_name(path) -> str:
 
 def _probe(model, params, batch_stats, images):
   variables = {"params": params, "batch_stats": batch_stats}
-  _, state = model.apply(variables, images, training=True, mutable=["batch_stats", "intermediates"],
-                         capture_intermediates=_is_activation_input)
+  _, state = model.apply(
+    variables,
+    images,
+    training=True,
+    mutable=["batch_stats", "intermediates"],
+    capture_intermediates=_is_activation_input,
+  )
   flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
   out = {}
   for path, value in flat:
@@ -63,6 +73,8 @@ def make_probe(config, model, test_source) -> Optional[Callable[..., Dict[str, f
   fn = jax.jit(functools.partial(_probe, model))
 
   def probe(state) -> Dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(fn(state.params, state.batch_stats, images)).items()}
+    return {
+      k: float(v) for k, v in jax.device_get(fn(state.params, state.batch_stats, images)).items()
+    }
 
   return probe

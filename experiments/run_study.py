@@ -17,11 +17,19 @@ from absl import app
 from absl import flags
 from absl import logging
 
-_STUDY = flags.DEFINE_string("study", None, "A study name (see experiments/studies/__init__.py) or 'all'.")
-_SCALE = flags.DEFINE_enum("scale", "cpu", ["cpu", "full", "smoke"], "Which scale of the study to run.")
+_STUDY = flags.DEFINE_string(
+  "study", None, "A study name (see experiments/studies/__init__.py) or 'all'."
+)
+_SCALE = flags.DEFINE_enum(
+  "scale", "cpu", ["cpu", "full", "smoke"], "Which scale of the study to run."
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/studies", "Where runs, tables and plots go.")
-_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th pending run, starting at the i-th.")
-_SUMMARY = flags.DEFINE_bool("summary", True, "Write the tables and plots (needs every run finished).")
+_SHARD = flags.DEFINE_string(
+  "shard", "0/1", "i/n: run only every n-th pending run, starting at the i-th."
+)
+_SUMMARY = flags.DEFINE_bool(
+  "summary", True, "Write the tables and plots (needs every run finished)."
+)
 
 
 def parse_shard(value: str) -> Tuple[int, int]:
@@ -31,8 +39,10 @@ def parse_shard(value: str) -> Tuple[int, int]:
     raise app.UsageError(f"--shard={value!r}: expected i/n, e.g. 0/2 and 1/2 for two workers")
   index, count = int(parts[0]), int(parts[1])
   if not 0 <= index < count:
-    raise app.UsageError(f"--shard={value!r}: expected 0 <= i < n (shards are numbered from 0: "
-                         f"{', '.join(f'{k}/{count}' for k in range(count)) or 'none for n=0'})")
+    raise app.UsageError(
+      f"--shard={value!r}: expected 0 <= i < n (shards are numbered from 0: "
+      f"{', '.join(f'{k}/{count}' for k in range(count)) or 'none for n=0'})"
+    )
   return index, count
 
 
@@ -41,6 +51,7 @@ def run_all(study, workdir: str, shard=(0, 1)):
   from experiments import train  # pylint: disable=g-import-not-at-top
   from experiments.studies import common  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
+
   jobs = [(run, seed) for run in study.runs for seed in study.seeds]
   results: Dict[str, List] = {run: [] for run in study.runs}
   for i, (run, seed) in enumerate(jobs):
@@ -53,8 +64,17 @@ def run_all(study, workdir: str, shard=(0, 1)):
         train.train_and_evaluate(config, rundir)
       except FloatingPointError as e:  # a diverged run is a result (e.g. too high a learning rate)
         print(f"[{study.name}] {run} seed {seed} diverged: {e}", flush=True)
-        common.save_json(final, {"diverged": 1, "error": str(e), "eval_accuracy": float("nan"),
-                                 "eval_loss": float("nan"), "train_loss": float("nan"), "time_s": float("nan")})
+        common.save_json(
+          final,
+          {
+            "diverged": 1,
+            "error": str(e),
+            "eval_accuracy": float("nan"),
+            "eval_loss": float("nan"),
+            "train_loss": float("nan"),
+            "time_s": float("nan"),
+          },
+        )
     if os.path.exists(final):
       with open(final) as f:
         results[run].append(common.RunResult(run, seed, rundir, json.load(f)))
@@ -65,6 +85,7 @@ def summarize(study, results, workdir: str) -> str:
   """Writes table.md, plot.png and summary.json into `<workdir>/<study.name>`; returns the table."""
   from experiments import compare  # pylint: disable=g-import-not-at-top
   from experiments.studies import common  # pylint: disable=g-import-not-at-top
+
   out = os.path.join(workdir, study.name)
   os.makedirs(out, exist_ok=True)
   table = study.summarize(study, results)
@@ -72,11 +93,19 @@ def summarize(study, results, workdir: str) -> str:
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write(f"{study.title}\n\nMachine: {machine}. Seeds: {list(study.seeds)}.\n\n{table}\n")
   study.plot(study, results, os.path.join(out, "plot.png"))
-  common.save_json(os.path.join(out, "summary.json"), {
-      "study": study.name, "title": study.title, "claim": study.claim, "reduced": study.reduced,
-      "machine": machine, "seeds": list(study.seeds),
+  common.save_json(
+    os.path.join(out, "summary.json"),
+    {
+      "study": study.name,
+      "title": study.title,
+      "claim": study.claim,
+      "reduced": study.reduced,
+      "machine": machine,
+      "seeds": list(study.seeds),
       "configs": {run: c.to_dict() for run, c in study.runs.items()},
-      "final": {run: {str(r.seed): r.final for r in rs} for run, rs in results.items()}})
+      "final": {run: {str(r.seed): r.final for r in rs} for run, rs in results.items()},
+    },
+  )
   return table
 
 
@@ -86,6 +115,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from experiments import studies  # pylint: disable=g-import-not-at-top
+
   names = list(studies.STUDIES) if _STUDY.value == "all" else [_STUDY.value]
   shard = parse_shard(_SHARD.value)
   for name in names:

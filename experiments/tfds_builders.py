@@ -41,7 +41,9 @@ class DataFormatError(ValueError):
 _IDX_DTYPES = {0x08: np.uint8}
 
 
-def read_idx(path: str, *, expected_ndim: int, expected_shape: Tuple[int, ...] = None) -> np.ndarray:
+def read_idx(
+  path: str, *, expected_ndim: int, expected_shape: Tuple[int, ...] = None
+) -> np.ndarray:
   """Reads a gzip-compressed IDX file (the MNIST format) and validates its header against its contents.
 
   Args:
@@ -57,28 +59,39 @@ def read_idx(path: str, *, expected_ndim: int, expected_shape: Tuple[int, ...] =
     DataFormatError: not gzip, wrong magic number, wrong dimensions, or a size that disagrees with the header.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: missing; expected a gzip-compressed IDX file "
-                            f"({'images' if expected_ndim == 3 else 'labels'}, uint8)")
+    raise FileNotFoundError(
+      f"{path}: missing; expected a gzip-compressed IDX file "
+      f"({'images' if expected_ndim == 3 else 'labels'}, uint8)"
+    )
   try:
     with gzip.open(path, "rb") as f:
       data = f.read()
   except (OSError, EOFError) as e:
-    raise DataFormatError(f"{path}: expected a gzip-compressed IDX file, could not decompress it ({e})") from e
+    raise DataFormatError(
+      f"{path}: expected a gzip-compressed IDX file, could not decompress it ({e})"
+    ) from e
   if len(data) < 4:
-    raise DataFormatError(f"{path}: expected an IDX header of at least 4 bytes, got {len(data)} bytes")
+    raise DataFormatError(
+      f"{path}: expected an IDX header of at least 4 bytes, got {len(data)} bytes"
+    )
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code not in _IDX_DTYPES or ndim != expected_ndim:
     raise DataFormatError(
-        f"{path}: expected IDX magic 0x0000 0x08 0x{expected_ndim:02x} (uint8, {expected_ndim} dims), got "
-        f"0x{zero:04x} 0x{dtype_code:02x} 0x{ndim:02x}")
+      f"{path}: expected IDX magic 0x0000 0x08 0x{expected_ndim:02x} (uint8, {expected_ndim} dims), got "
+      f"0x{zero:04x} 0x{dtype_code:02x} 0x{ndim:02x}"
+    )
   header = 4 + 4 * ndim
   shape = struct.unpack(f">{ndim}I", data[4:header])
   if expected_shape is not None and tuple(shape) != tuple(expected_shape):
-    raise DataFormatError(f"{path}: expected shape {tuple(expected_shape)} in the IDX header, got {shape}")
+    raise DataFormatError(
+      f"{path}: expected shape {tuple(expected_shape)} in the IDX header, got {shape}"
+    )
   expected_bytes = header + int(np.prod(shape))
   if len(data) != expected_bytes:
-    raise DataFormatError(f"{path}: the IDX header declares shape {shape}, i.e. {expected_bytes} bytes, "
-                          f"but the decompressed file has {len(data)} bytes")
+    raise DataFormatError(
+      f"{path}: the IDX header declares shape {shape}, i.e. {expected_bytes} bytes, "
+      f"but the decompressed file has {len(data)} bytes"
+    )
   return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
@@ -111,17 +124,23 @@ def read_cifar10_bin(path: str, num_examples: int = 10_000) -> Tuple[np.ndarray,
     DataFormatError: the size is not `num_examples` records of 3,073 bytes, or a label is not in 0..9.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: missing; expected a CIFAR-10 binary batch of {num_examples} records "
-                            f"of {CIFAR10_RECORD_BYTES} bytes")
+    raise FileNotFoundError(
+      f"{path}: missing; expected a CIFAR-10 binary batch of {num_examples} records "
+      f"of {CIFAR10_RECORD_BYTES} bytes"
+    )
   size = os.path.getsize(path)
   if size != num_examples * CIFAR10_RECORD_BYTES:
-    raise DataFormatError(f"{path}: expected {num_examples} records of {CIFAR10_RECORD_BYTES} bytes "
-                          f"({num_examples * CIFAR10_RECORD_BYTES} bytes), got {size} bytes")
+    raise DataFormatError(
+      f"{path}: expected {num_examples} records of {CIFAR10_RECORD_BYTES} bytes "
+      f"({num_examples * CIFAR10_RECORD_BYTES} bytes), got {size} bytes"
+    )
   raw = np.fromfile(path, np.uint8).reshape(num_examples, CIFAR10_RECORD_BYTES)
   labels = raw[:, 0].astype(np.int64)
   if labels.max() > 9:
     bad = int(np.argmax(labels > 9))
-    raise DataFormatError(f"{path}: expected labels in 0..9, record {bad} has label {int(labels[bad])}")
+    raise DataFormatError(
+      f"{path}: expected labels in 0..9, record {bad} has label {int(labels[bad])}"
+    )
   images = raw[:, 1:].reshape(num_examples, 3, 32, 32).transpose(0, 2, 3, 1)
   return np.ascontiguousarray(images), labels
 
@@ -129,21 +148,29 @@ def read_cifar10_bin(path: str, num_examples: int = 10_000) -> Tuple[np.ndarray,
 # ---------------------------------------------------------------------------------------------------------
 # Builders.
 
+
 def _features(shape) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       # Raw bytes: 8x faster to write and 8x smaller than the default int64 list per pixel.
-      "image": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
+      "image": tfds.features.Tensor(
+        shape=shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+      ),
       "label": tfds.features.Tensor(shape=(), dtype=np.int64),
-  })
+    }
+  )
 
 
-def _examples(images: np.ndarray, labels: np.ndarray) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+def _examples(
+  images: np.ndarray, labels: np.ndarray
+) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
   for i in range(len(labels)):
     yield i, {"image": images[i], "label": labels[i]}
 
 
 class _ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared options: ArrayRecord files, labels 0..9, every split validated before writing."""
+
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Initial release.", "1.1.0": "Images stored as raw bytes."}
   IMAGE_SHAPE: Tuple[int, ...] = ()
@@ -155,8 +182,9 @@ class _ArrayRecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=_features(self.IMAGE_SHAPE),
-                                          supervised_keys=("image", "label"))
+    return self.dataset_info_from_configs(
+      features=_features(self.IMAGE_SHAPE), supervised_keys=("image", "label")
+    )
 
   def _read_split(self, manual_dir: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
     raise NotImplementedError
@@ -176,28 +204,34 @@ class DigitsBuilder(_ArrayRecordBuilder, skip_registration=True):
 
   The split is deterministic: a stratified 80/20 split with a fixed seed (1,437 train / 360 test).
   """
+
   name = "normjax_digits"
   IMAGE_SHAPE = (8, 8, 1)
   SPLIT_SIZES = {"train": 1437, "test": 360}
 
   def _read_split(self, manual_dir, split):
     from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+
     digits = datasets.load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target.astype(np.int64)
     idx_train, idx_test = model_selection.train_test_split(
-        np.arange(len(labels)), test_size=self.SPLIT_SIZES["test"], stratify=labels, random_state=0)
+      np.arange(len(labels)), test_size=self.SPLIT_SIZES["test"], stratify=labels, random_state=0
+    )
     idx = np.sort(idx_train if split == "train" else idx_test)
     return images[idx], labels[idx]
 
 
 class MnistIdxBuilder(_ArrayRecordBuilder, skip_registration=True):
   """MNIST from the four original IDX `.gz` files in the manual directory."""
+
   name = "normjax_mnist"
   IMAGE_SHAPE = (28, 28, 1)
   SPLIT_SIZES = {"train": 60_000, "test": 10_000}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-                                  "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz in the directory.")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz in the directory."
+  )
 
   def _read_split(self, manual_dir, split):
     prefix = "train" if split == "train" else "t10k"
@@ -206,15 +240,19 @@ class MnistIdxBuilder(_ArrayRecordBuilder, skip_registration=True):
 
 class FashionMnistIdxBuilder(MnistIdxBuilder, skip_registration=True):
   """Fashion-MNIST from its four original IDX `.gz` files (same format as MNIST)."""
+
   name = "normjax_fashion_mnist"
 
 
 class Cifar10BinBuilder(_ArrayRecordBuilder, skip_registration=True):
   """CIFAR-10 from the binary version: `data_batch_1.bin` … `data_batch_5.bin` and `test_batch.bin`."""
+
   name = "normjax_cifar10"
   IMAGE_SHAPE = (32, 32, 3)
   SPLIT_SIZES = {"train": 50_000, "test": 10_000}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "Put data_batch_1.bin … data_batch_5.bin and test_batch.bin in the directory."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Put data_batch_1.bin … data_batch_5.bin and test_batch.bin in the directory."
+  )
 
   def _read_split(self, manual_dir, split):
     files = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
@@ -223,10 +261,10 @@ class Cifar10BinBuilder(_ArrayRecordBuilder, skip_registration=True):
 
 
 BUILDERS = {
-    "digits": DigitsBuilder,
-    "mnist": MnistIdxBuilder,
-    "fashion_mnist": FashionMnistIdxBuilder,
-    "cifar10": Cifar10BinBuilder,
+  "digits": DigitsBuilder,
+  "mnist": MnistIdxBuilder,
+  "fashion_mnist": FashionMnistIdxBuilder,
+  "cifar10": Cifar10BinBuilder,
 }
 
 
@@ -246,19 +284,29 @@ def prepare(dataset: str, *, source_dir: str = None, cache_dir: str) -> tfds.cor
     KeyError: unknown dataset. FileNotFoundError / DataFormatError: see the readers and `check_prepared`.
   """
   if dataset not in BUILDERS:
-    raise KeyError(f"dataset={dataset!r}: expected one of {sorted(BUILDERS)} or 'tfds:<catalog name>'")
+    raise KeyError(
+      f"dataset={dataset!r}: expected one of {sorted(BUILDERS)} or 'tfds:<catalog name>'"
+    )
   cls = BUILDERS[dataset]
   if cls.MANUAL_DOWNLOAD_INSTRUCTIONS and not source_dir:
-    raise ValueError(f"dataset={dataset!r} needs the directory of its original files (config.data_dir): "
-                     f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    raise ValueError(
+      f"dataset={dataset!r} needs the directory of its original files (config.data_dir): "
+      f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+    )
   if source_dir and not os.path.isdir(source_dir):
-    raise FileNotFoundError(f"{source_dir}: missing; expected the directory of the original {dataset} files. "
-                            f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    raise FileNotFoundError(
+      f"{source_dir}: missing; expected the directory of the original {dataset} files. "
+      f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+    )
   os.makedirs(cache_dir, exist_ok=True)
   with cache_lock(os.path.join(cache_dir, f"{cls.name}.lock")):
-    builder = cls(data_dir=cache_dir)  # made under the lock: it reads what another run may have just written
+    builder = cls(
+      data_dir=cache_dir
+    )  # made under the lock: it reads what another run may have just written
     download_config = tfds.download.DownloadConfig(
-        manual_dir=source_dir or None, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+      manual_dir=source_dir or None,
+      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+    )
     builder.download_and_prepare(download_config=download_config)
   check_prepared(builder)
   return builder
@@ -289,8 +337,11 @@ def check_prepared(builder: tfds.core.DatasetBuilder) -> None:
       and the fix (delete the prepared copy; the next run prepares it anew).
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  fix = (f"delete {builder.data_dir} (the prepared copy; original files are not touched) and run again to "
-         "prepare it anew")
+
+  fix = (
+    f"delete {builder.data_dir} (the prepared copy; original files are not touched) and run again to "
+    "prepare it anew"
+  )
   for split in builder.info.splits.values():
     for name, expected in zip(split.filenames, split.shard_lengths):
       path = os.path.join(builder.data_dir, name)
@@ -303,5 +354,7 @@ def check_prepared(builder: tfds.core.DatasetBuilder) -> None:
       except (RuntimeError, ValueError, OSError) as e:
         raise DataFormatError(f"{path}: the prepared file is corrupt ({e}); {fix}") from e
       if count != expected:
-        raise DataFormatError(f"{path}: the prepared file holds {count} records, expected {expected} "
-                              f"(truncated?); {fix}")
+        raise DataFormatError(
+          f"{path}: the prepared file holds {count} records, expected {expected} "
+          f"(truncated?); {fix}"
+        )

@@ -81,15 +81,22 @@ def create_learning_rate(config, total_steps: int) -> optax.Schedule:
   if config.schedule == "cosine":
     return optax.cosine_decay_schedule(lr, max(total_steps, 1))
   if config.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, config.warmup_steps, max(total_steps, config.warmup_steps + 1))
-  raise ValueError(f"config.schedule={config.schedule!r}: expected 'constant', 'cosine' or 'warmup_cosine'")
+    return optax.warmup_cosine_decay_schedule(
+      0.0, lr, config.warmup_steps, max(total_steps, config.warmup_steps + 1)
+    )
+  raise ValueError(
+    f"config.schedule={config.schedule!r}: expected 'constant', 'cosine' or 'warmup_cosine'"
+  )
 
 
 def _max_norm_constraint(config) -> optax.GradientTransformation:
   constraint = getattr(normjax, "max_norm", None)
   if constraint is None:
-    raise NotImplementedError(f"config.max_norm={config.max_norm} needs normjax.max_norm, which this normjax "
-                              "version does not have yet; set config.max_norm=None")
+    raise NotImplementedError(
+      f"config.max_norm={config.max_norm} needs normjax.max_norm, which this normjax "
+      "version does not have yet; set config.max_norm=None"
+    )
+
   def dense_1024_kernel(path, leaf):  # the seeds' constraint: the Dense 1024 kernel only
     names = [getattr(k, "key", None) for k in path]
     return "dense_1024" in names and names[-1] == "kernel" and leaf.ndim == 2
@@ -97,7 +104,9 @@ def _max_norm_constraint(config) -> optax.GradientTransformation:
   return constraint(config.max_norm, where=dense_1024_kernel)
 
 
-def create_optimizer(config, total_steps: int) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+def create_optimizer(
+  config, total_steps: int
+) -> Tuple[optax.GradientTransformation, optax.Schedule]:
   """`config.optimizer` ("sgd" with `config.momentum`, "adam", "adamw"), weight decay on kernels, max-norm."""
   schedule = create_learning_rate(config, total_steps)
   kernels = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
@@ -105,7 +114,9 @@ def create_optimizer(config, total_steps: int) -> Tuple[optax.GradientTransforma
   if config.optimizer == "sgd":
     if config.get("weight_decay", 0.0):
       parts.append(optax.add_decayed_weights(config.weight_decay, mask=kernels))
-    parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.get("nesterov", False)))
+    parts.append(
+      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.get("nesterov", False))
+    )
   elif config.optimizer == "adam":
     parts.append(optax.adam(schedule))
   elif config.optimizer == "adamw":
@@ -138,12 +149,15 @@ def _train_step(state: TrainState, batch, *, model, tx, config):
   grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), models.BATCH_AXIS)
   if config.norm in PER_DEVICE_STATS:  # per-device moments: keep the running statistics replicated
     floats = jax.tree.map(lambda v: jnp.issubdtype(v.dtype, jnp.floating), batch_stats)
-    averaged = jax.lax.pmean(jax.tree.map(lambda v, f: v if f else jnp.zeros(()), batch_stats, floats),
-                             models.BATCH_AXIS)
+    averaged = jax.lax.pmean(
+      jax.tree.map(lambda v, f: v if f else jnp.zeros(()), batch_stats, floats), models.BATCH_AXIS
+    )
     batch_stats = jax.tree.map(lambda v, a, f: a if f else v, batch_stats, averaged, floats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  new_state = TrainState(
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+  )
   return new_state, {"loss": loss, "accuracy": accuracy, "finite": is_finite((new_state, loss))}
 
 
@@ -163,16 +177,28 @@ def _eval_step(state: TrainState, batch, *, model):
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   logits = model.apply(variables, batch["image"], training=False)
   loss, correct = _cross_entropy(logits, batch["label"], batch["mask"])
-  return jax.lax.psum({"loss": loss, "correct": correct, "count": batch["mask"].sum()}, models.BATCH_AXIS)
+  return jax.lax.psum(
+    {"loss": loss, "correct": correct, "count": batch["mask"].sum()}, models.BATCH_AXIS
+  )
 
 
 def make_steps(model, tx, config, mesh):
   """Jitted, data-parallel `train_step(state, batch)` and `eval_step(state, batch)`."""
   data, replicated = P(models.BATCH_AXIS), P()
-  train = jax.shard_map(functools.partial(_train_step, model=model, tx=tx, config=config), mesh=mesh,
-                        in_specs=(replicated, data), out_specs=(replicated, replicated), check_vma=False)
-  evaluate = jax.shard_map(functools.partial(_eval_step, model=model), mesh=mesh,
-                           in_specs=(replicated, data), out_specs=replicated, check_vma=False)
+  train = jax.shard_map(
+    functools.partial(_train_step, model=model, tx=tx, config=config),
+    mesh=mesh,
+    in_specs=(replicated, data),
+    out_specs=(replicated, replicated),
+    check_vma=False,
+  )
+  evaluate = jax.shard_map(
+    functools.partial(_eval_step, model=model),
+    mesh=mesh,
+    in_specs=(replicated, data),
+    out_specs=replicated,
+    check_vma=False,
+  )
   return jax.jit(train, donate_argnums=0), jax.jit(evaluate)
 
 
@@ -183,15 +209,21 @@ def create_train_state(config, model, tx, info, mesh) -> TrainState:
     x = jnp.zeros((1, *info.image_shape), jnp.float32)
     variables = model.init(key, x, training=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+    )
 
   return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(jax.random.key(config.seed))
 
 
 def to_host(tree):
   """Replicated global arrays → NumPy (works when not every device is addressable, i.e. multi-host)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+  return jax.tree.map(
+    lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree
+  )
 
 
 def _global_batch(batch: Dict[str, np.ndarray], sharding) -> Dict[str, jax.Array]:
@@ -205,8 +237,10 @@ def evaluate(eval_step, state, test_source, config, sharding) -> Dict[str, float
     sums = eval_step(state, _global_batch(batch, sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = to_host(totals)
-  return {"eval_loss": float(totals["loss"] / totals["count"]),
-          "eval_accuracy": float(totals["correct"] / totals["count"])}
+  return {
+    "eval_loss": float(totals["loss"] / totals["count"]),
+    "eval_accuracy": float(totals["correct"] / totals["count"]),
+  }
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,10 +251,15 @@ def _recalibration_apply_fn(model, mesh, synchronized: bool):
     return model.apply
 
   def apply_fn(variables, x, *, training, mutable):
-    f = jax.shard_map(lambda v, x: model.apply(v, x, training=training, mutable=mutable), mesh=mesh,
-                      in_specs=(P(), P(models.BATCH_AXIS)), out_specs=(P(models.BATCH_AXIS), P()),
-                      check_vma=False)
+    f = jax.shard_map(
+      lambda v, x: model.apply(v, x, training=training, mutable=mutable),
+      mesh=mesh,
+      in_specs=(P(), P(models.BATCH_AXIS)),
+      out_specs=(P(models.BATCH_AXIS), P()),
+      check_vma=False,
+    )
     return f(variables, x)
+
   return apply_fn
 
 
@@ -238,17 +277,24 @@ def recalibrate(state: TrainState, model, train_source, config, mesh) -> TrainSt
   sharding = NamedSharding(mesh, P(models.BATCH_AXIS))
   batches = input_pipeline.train_batches(train_source, config, total_steps=config.recalibrate_steps)
   images = [_global_batch({"image": b["image"]}, sharding)["image"] for b in batches]
-  variables = njl.recalibrate_batch_stats(apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, images)
+  variables = njl.recalibrate_batch_stats(
+    apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, images
+  )
   return state.replace(batch_stats=variables["batch_stats"])
 
 
 def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: a save killed before its atomic rename leaves `<step>.orbax-checkpoint-tmp`,
   # never a half-written `<step>`; the next run deletes the leftover.
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=config.async_checkpointing,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=config.keep_checkpoints,
+    create=True,
+    enable_async_checkpointing=config.async_checkpointing,
+    cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
+  )
 
 
 def checkpoint_steps(workdir: str):
@@ -281,20 +327,35 @@ def check_workdir(config, workdir: str) -> None:
   steps = checkpoint_steps(workdir)
   progress = steps or os.path.exists(os.path.join(workdir, "final_metrics.json"))
   if progress and os.path.exists(saved_path):
-    config_checks.check_resume(_read_json(saved_path), json.loads(config.to_json_best_effort()), workdir,
-                               steps[-1] if steps else None)
+    config_checks.check_resume(
+      _read_json(saved_path),
+      json.loads(config.to_json_best_effort()),
+      workdir,
+      steps[-1] if steps else None,
+    )
 
 
 def _save_run_info(workdir: str, config, info) -> None:
   _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-  _write_json(os.path.join(workdir, "run.json"), {
-      "seed": config.seed, "dataset": info.__dict__, "devices": jax.device_count(),
-      "local_devices": jax.local_device_count(), "processes": jax.process_count(),
-      "platform": jax.default_backend(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-      "jax": jax.__version__, "normjax": normjax.__version__})
+  _write_json(
+    os.path.join(workdir, "run.json"),
+    {
+      "seed": config.seed,
+      "dataset": info.__dict__,
+      "devices": jax.device_count(),
+      "local_devices": jax.local_device_count(),
+      "processes": jax.process_count(),
+      "platform": jax.default_backend(),
+      "machine": f"{platform.machine()} {platform.processor()}".strip(),
+      "jax": jax.__version__,
+      "normjax": normjax.__version__,
+    },
+  )
 
 
-def _restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: TrainState) -> TrainState:
+def _restore_checkpoint(
+  manager: ocp.CheckpointManager, step: int, target: TrainState
+) -> TrainState:
   """Restores checkpoint `step` onto `target`'s structure and shardings; refuses a non-finite one."""
   where = os.path.join(str(manager.directory), str(step))
   try:
@@ -302,12 +363,15 @@ def _restore_checkpoint(manager: ocp.CheckpointManager, step: int, target: Train
   except (ValueError, KeyError, TypeError) as e:
     first = str(e).strip().splitlines()[0][:300]
     raise config_checks.ConfigError(
-        f"{where}: this checkpoint does not fit the model, norm and optimizer this config builds ({first}); "
-        "restore it with the config it was saved with (its work directory's config.json)") from None
+      f"{where}: this checkpoint does not fit the model, norm and optimizer this config builds ({first}); "
+      "restore it with the config it was saved with (its work directory's config.json)"
+    ) from None
   if not bool(to_host(jax.jit(is_finite)(state))):
-    raise FloatingPointError(f"{where}: the checkpoint holds NaN, Inf or values whose square overflows float32; "
-                             "restore an earlier step with "
-                             "a fresh --workdir and --config.restore_from=<workdir>:<step>")
+    raise FloatingPointError(
+      f"{where}: the checkpoint holds NaN, Inf or values whose square overflows float32; "
+      "restore an earlier step with "
+      "a fresh --workdir and --config.restore_from=<workdir>:<step>"
+    )
   return state
 
 
@@ -319,10 +383,14 @@ def restore_or_init(config, workdir: str, manager, state: TrainState) -> Tuple[T
     source, step = config_checks.parse_restore_from(config.restore_from)
     available = checkpoint_steps(source)
     if step not in available:
-      raise FileNotFoundError(f"config.restore_from={config.restore_from!r}: no checkpoint {step} in "
-                              f"{os.path.join(source, 'checkpoints')}; expected one of the steps {available}")
+      raise FileNotFoundError(
+        f"config.restore_from={config.restore_from!r}: no checkpoint {step} in "
+        f"{os.path.join(source, 'checkpoints')}; expected one of the steps {available}"
+      )
     options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(os.path.abspath(os.path.join(source, "checkpoints")), options=options) as other:
+    with ocp.CheckpointManager(
+      os.path.abspath(os.path.join(source, "checkpoints")), options=options
+    ) as other:
       state = _restore_checkpoint(other, step, state)
   return state, int(to_host(state.step))
 
@@ -330,11 +398,15 @@ def restore_or_init(config, workdir: str, manager, state: TrainState) -> Tuple[T
 def _restart_advice(config, workdir: str, good: Optional[Tuple[str, int]]) -> str:
   """The exact command that continues a diverged run with half the learning rate in a fresh work directory."""
   lr = f"{config.learning_rate / 2:g}"
-  base = re.sub(r"_from_\d+_lr[^/]*$", "", os.path.normpath(workdir))  # no suffix chains on repeated advice
+  base = re.sub(
+    r"_from_\d+_lr[^/]*$", "", os.path.normpath(workdir)
+  )  # no suffix chains on repeated advice
   fresh = f"{base}_from_{good[1] if good else 0}_lr{lr}"
   restore = f" --config.restore_from={shlex.quote(f'{good[0]}:{good[1]}')}" if good else ""
-  return (f"python -m experiments.main --config experiments/configs/from_workdir.py:{shlex.quote(workdir)}"
-          f"{restore} --config.learning_rate={lr} --workdir {shlex.quote(fresh)}")
+  return (
+    f"python -m experiments.main --config experiments/configs/from_workdir.py:{shlex.quote(workdir)}"
+    f"{restore} --config.learning_rate={lr} --workdir {shlex.quote(fresh)}"
+  )
 
 
 def restart_step(workdir: str, steps) -> Tuple[int, str]:
@@ -345,39 +417,56 @@ def restart_step(workdir: str, steps) -> Tuple[int, str]:
   Inf, from which a lower learning rate rarely recovers. Then the latest kept one saved before the rise.
   """
   path = os.path.join(workdir, "train.csv")
-  losses = {int(r["step"]): float(r["loss"]) for r in metrics_lib.read_csv(path)} if os.path.exists(path) else {}
-  calm = [s for s in steps if s in losses and losses[s] <= 2 * min(v for t, v in losses.items() if t <= s)]
+  losses = (
+    {int(r["step"]): float(r["loss"]) for r in metrics_lib.read_csv(path)}
+    if os.path.exists(path)
+    else {}
+  )
+  calm = [
+    s for s in steps if s in losses and losses[s] <= 2 * min(v for t, v in losses.items() if t <= s)
+  ]
   if not calm or calm[-1] == steps[-1]:
     return steps[-1], ""
   last = steps[-1]
-  return calm[-1], (f" The training loss logged there ({losses.get(last, float('nan')):.4g}) is more than twice "
-                    f"the lowest before it, so the command restores step {calm[-1]}, the latest kept checkpoint "
-                    "saved before the loss rose.")
+  return calm[-1], (
+    f" The training loss logged there ({losses.get(last, float('nan')):.4g}) is more than twice "
+    f"the lowest before it, so the command restores step {calm[-1]}, the latest kept checkpoint "
+    "saved before the loss rose."
+  )
 
 
-def divergence_error(config, workdir: str, step: int, loss: float,
-                     good: Optional[Tuple[str, int]]) -> FloatingPointError:
+def divergence_error(
+  config, workdir: str, step: int, loss: float, good: Optional[Tuple[str, int]]
+) -> FloatingPointError:
   """The error a non-finite loss or state raises: what happened, the last finite checkpoint
   (`(workdir, step)`, None if there is none), and the command that continues from it."""
-  what = (f"the training loss is {loss}" if not np.isfinite(loss) else
-          f"the parameters, optimizer state or batch statistics hold NaN, Inf or values whose square overflows "
-          f"float32 (loss {loss:.4g})")
+  what = (
+    f"the training loss is {loss}"
+    if not np.isfinite(loss)
+    else f"the parameters, optimizer state or batch statistics hold NaN, Inf or values whose square overflows "
+    f"float32 (loss {loss:.4g})"
+  )
   if good is not None:
     why = ""
     if good[0] == workdir:
       restart, why = restart_step(workdir, checkpoint_steps(workdir))
-    kept = (f"Every saved checkpoint is finite; the last is step {good[1]} in "
-            f"{os.path.join(good[0], 'checkpoints')}. Rerunning the same command resumes from step {good[1]} and "
-            f"diverges again at step {step} (batches depend on the step only).{why} To continue from step "
-            f"{restart if why else good[1]} with half the learning rate, in a fresh work directory, run:")
+    kept = (
+      f"Every saved checkpoint is finite; the last is step {good[1]} in "
+      f"{os.path.join(good[0], 'checkpoints')}. Rerunning the same command resumes from step {good[1]} and "
+      f"diverges again at step {step} (batches depend on the step only).{why} To continue from step "
+      f"{restart if why else good[1]} with half the learning rate, in a fresh work directory, run:"
+    )
     good = (good[0], restart) if why else good
   else:
-    kept = ("No checkpoint was saved before it (checkpoints are saved only while everything is finite). To "
-            "start again with half the learning rate, in a fresh work directory, run:")
+    kept = (
+      "No checkpoint was saved before it (checkpoints are saved only while everything is finite). To "
+      "start again with half the learning rate, in a fresh work directory, run:"
+    )
   return FloatingPointError(
-      f"training diverged at step {step}: {what}; stopped. {kept}\n\n  {_restart_advice(config, workdir, good)}"
-      "\n\nIf it diverges again, lower the learning rate further (the same advice is printed) or check the "
-      "data and the normalization settings.")
+    f"training diverged at step {step}: {what}; stopped. {kept}\n\n  {_restart_advice(config, workdir, good)}"
+    "\n\nIf it diverges again, lower the learning rate further (the same advice is printed) or check the "
+    "data and the normalization settings."
+  )
 
 
 def _completed_result(workdir: str, total_steps: int) -> Optional[Dict[str, float]]:
@@ -386,7 +475,11 @@ def _completed_result(workdir: str, total_steps: int) -> Optional[Dict[str, floa
   if not os.path.exists(path):
     return None
   result = _read_json(path)
-  return result if result.get("steps") == total_steps and np.isfinite(result.get("train_loss", np.nan)) else None
+  return (
+    result
+    if result.get("steps") == total_steps and np.isfinite(result.get("train_loss", np.nan))
+    else None
+  )
 
 
 def _last_logged_train(workdir: str, step: int) -> Dict[str, float]:
@@ -418,8 +511,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   return train_and_evaluate_with_state(config, workdir)[1]
 
 
-def train_and_evaluate_with_state(config: ml_collections.ConfigDict,
-                                  workdir: str) -> Tuple[TrainState, Dict[str, float]]:
+def train_and_evaluate_with_state(
+  config: ml_collections.ConfigDict, workdir: str
+) -> Tuple[TrainState, Dict[str, float]]:
   """`train_and_evaluate` that also returns the final (replicated, global) `TrainState`."""
   t0 = time.time()
   lead = jax.process_index() == 0
@@ -433,25 +527,44 @@ def train_and_evaluate_with_state(config: ml_collections.ConfigDict,
   model = models.create_model(config, info.num_classes)
   tx, schedule = create_optimizer(config, total_steps)
   manager = _checkpoint_manager(workdir, config) if config.checkpoint_every >= 0 else None
-  state, start_step = restore_or_init(config, workdir, manager, create_train_state(config, model, tx, info, mesh))
+  state, start_step = restore_or_init(
+    config, workdir, manager, create_train_state(config, model, tx, info, mesh)
+  )
   if start_step > total_steps:
     raise config_checks.ConfigError(
-        f"{workdir} holds a checkpoint at step {start_step}, beyond the {total_steps} steps of this config "
-        f"(num_steps={config.num_steps}, num_epochs={config.num_epochs}); raise them to extend the run, or "
-        "use another --workdir")
+      f"{workdir} holds a checkpoint at step {start_step}, beyond the {total_steps} steps of this config "
+      f"(num_steps={config.num_steps}, num_epochs={config.num_epochs}); raise them to extend the run, or "
+      "use another --workdir"
+    )
   done = _completed_result(workdir, total_steps) if start_step == total_steps else None
   if done is not None:
     if lead:
-      print(f"{workdir}: the run is complete ({total_steps} steps); final metrics from final_metrics.json",
-            flush=True)
+      print(
+        f"{workdir}: the run is complete ({total_steps} steps); final metrics from final_metrics.json",
+        flush=True,
+      )
     return state, done
   if lead:
     _save_run_info(workdir, config, info)
   train_step, eval_step = make_steps(model, tx, config, mesh)
-  run = _Run(config, workdir, model, schedule, mesh, NamedSharding(mesh, P(models.BATCH_AXIS)), train_source,
-             test_source, train_step, eval_step, manager, total_steps,
-             metrics_lib.MetricWriter(workdir, start_step=start_step, enabled=lead),
-             config_checks.parse_restore_from(config.restore_from) if not checkpoint_steps(workdir) else None)
+  run = _Run(
+    config,
+    workdir,
+    model,
+    schedule,
+    mesh,
+    NamedSharding(mesh, P(models.BATCH_AXIS)),
+    train_source,
+    test_source,
+    train_step,
+    eval_step,
+    manager,
+    total_steps,
+    metrics_lib.MetricWriter(workdir, start_step=start_step, enabled=lead),
+    config_checks.parse_restore_from(config.restore_from)
+    if not checkpoint_steps(workdir)
+    else None,
+  )
   state, last_train, last_eval = _train_loop(run, state, start_step)
   return state, _finish(run, state, last_train, last_eval, t0)
 
@@ -459,6 +572,7 @@ def train_and_evaluate_with_state(config: ml_collections.ConfigDict,
 @dataclasses.dataclass
 class _Run:
   """What the training loop and the final evaluation share."""
+
   config: Any
   workdir: str
   model: Any
@@ -472,7 +586,9 @@ class _Run:
   manager: Optional[ocp.CheckpointManager]
   total_steps: int
   writer: metrics_lib.MetricWriter
-  origin: Optional[Tuple[str, int]]  # the (workdir, step) of `config.restore_from` if this run started there
+  origin: Optional[
+    Tuple[str, int]
+  ]  # the (workdir, step) of `config.restore_from` if this run started there
 
 
 def _log_window(run: _Run, pending, step: int, bar) -> Dict[str, float]:
@@ -483,14 +599,19 @@ def _log_window(run: _Run, pending, step: int, bar) -> Dict[str, float]:
     if run.manager is not None:
       run.manager.wait_until_finished()  # an async save of the last finite state completes first
     own = run.manager.latest_step() if run.manager is not None else None
-    good = (run.workdir, own) if own is not None else run.origin  # origin: the checkpoint it started from
+    good = (
+      (run.workdir, own) if own is not None else run.origin
+    )  # origin: the checkpoint it started from
     bar.close()
     run.writer.close()
-    raise divergence_error(run.config, run.workdir, step - len(values) + 1 + bad[0],
-                           float(values[bad[0]]["loss"]), good)
-  window = {"loss": float(np.mean([v["loss"] for v in values])),
-            "accuracy": float(np.mean([v["accuracy"] for v in values])),
-            "learning_rate": float(run.schedule(step - 1))}
+    raise divergence_error(
+      run.config, run.workdir, step - len(values) + 1 + bad[0], float(values[bad[0]]["loss"]), good
+    )
+  window = {
+    "loss": float(np.mean([v["loss"] for v in values])),
+    "accuracy": float(np.mean([v["accuracy"] for v in values])),
+    "learning_rate": float(run.schedule(step - 1)),
+  }
   run.writer.write("train", step, window)
   bar.set_postfix(loss=f"{window['loss']:.4f}", acc=f"{window['accuracy']:.3f}")
   return window
@@ -499,11 +620,22 @@ def _log_window(run: _Run, pending, step: int, bar) -> Dict[str, float]:
 def _train_loop(run: _Run, state: TrainState, start_step: int):
   """Steps `start_step + 1 … total_steps`: logs, evaluates, probes and saves (finite states only)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
   config, lead = run.config, jax.process_index() == 0
-  bar = tqdm(total=run.total_steps, initial=start_step, desc=os.path.basename(os.path.normpath(run.workdir)),
-             disable=not (lead and config.progress_bar), dynamic_ncols=True, leave=False)
-  batches = input_pipeline.prefetch(input_pipeline.train_batches(
-      run.train_source, config, start_step=start_step, total_steps=run.total_steps), config.prefetch)
+  bar = tqdm(
+    total=run.total_steps,
+    initial=start_step,
+    desc=os.path.basename(os.path.normpath(run.workdir)),
+    disable=not (lead and config.progress_bar),
+    dynamic_ncols=True,
+    leave=False,
+  )
+  batches = input_pipeline.prefetch(
+    input_pipeline.train_batches(
+      run.train_source, config, start_step=start_step, total_steps=run.total_steps
+    ),
+    config.prefetch,
+  )
   pending, last_train, last_eval = [], {}, {}
   probe = probes_lib.make_probe(config, run.model, run.test_source)
   probe_every = config.probe_every or config.eval_every or run.total_steps
@@ -514,13 +646,17 @@ def _train_loop(run: _Run, state: TrainState, start_step: int):
     pending.append(step_metrics)
     bar.update(1)
     last = step == run.total_steps
-    save = run.manager is not None and (last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0))
+    save = run.manager is not None and (
+      last or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
+    )
     if last or save or step % config.log_every == 0:  # before a save: only finite states are saved
       last_train, pending = _log_window(run, pending, step, bar), []
     if probe is not None and (last or step % probe_every == 0):
       run.writer.write("activations", step, probe(state))
     if last or (config.eval_every > 0 and step % config.eval_every == 0):
-      last_eval = _evaluate_and_log(run, state, step, recalibrated=not last and config.recalibrate_at_every_eval)
+      last_eval = _evaluate_and_log(
+        run, state, step, recalibrated=not last and config.recalibrate_at_every_eval
+      )
     if save:
       run.manager.save(step, args=ocp.args.StandardSave(state))
   bar.close()
@@ -530,14 +666,19 @@ def _train_loop(run: _Run, state: TrainState, start_step: int):
   return state, last_train, last_eval
 
 
-def _evaluate_and_log(run: _Run, state: TrainState, step: int, *, recalibrated: bool) -> Dict[str, float]:
+def _evaluate_and_log(
+  run: _Run, state: TrainState, step: int, *, recalibrated: bool
+) -> Dict[str, float]:
   """Evaluates with the running statistics (and, if asked, after recalibration); logs both."""
   result = evaluate(run.eval_step, state, run.test_source, run.config, run.data_sharding)
   run.writer.write("eval", step, result)
   if recalibrated and run.config.recalibrate_steps > 0:
     other = recalibrate(state, run.model, run.train_source, run.config, run.mesh)
-    run.writer.write("recalibrated", step, evaluate(run.eval_step, other, run.test_source, run.config,
-                                                    run.data_sharding))
+    run.writer.write(
+      "recalibrated",
+      step,
+      evaluate(run.eval_step, other, run.test_source, run.config, run.data_sharding),
+    )
   return result
 
 
@@ -554,11 +695,18 @@ def _finish(run: _Run, state: TrainState, last_train, last_eval, t0: float) -> D
     last_eval = {**last_eval, **{f"{k}_recalibrated": v for k, v in after.items()}}
   run.writer.close()
   if lead:
-    metrics_lib.plot_runs({config.get("name", "run"): run.workdir}, os.path.join(run.workdir, "curves.png"),
-                          title=f"{config.model} / {config.norm} on {config.dataset}")
-  result = {"train_loss": last_train.get("loss", float("nan")),
-            "train_accuracy": last_train.get("accuracy", float("nan")),
-            **last_eval, "steps": run.total_steps, "time_s": time.time() - t0}
+    metrics_lib.plot_runs(
+      {config.get("name", "run"): run.workdir},
+      os.path.join(run.workdir, "curves.png"),
+      title=f"{config.model} / {config.norm} on {config.dataset}",
+    )
+  result = {
+    "train_loss": last_train.get("loss", float("nan")),
+    "train_accuracy": last_train.get("accuracy", float("nan")),
+    **last_eval,
+    "steps": run.total_steps,
+    "time_s": time.time() - t0,
+  }
   if lead:
     _write_json(os.path.join(run.workdir, "final_metrics.json"), result)
   return result

@@ -1,4 +1,5 @@
 """Test setup: 8 real CPU devices for the multi-device tests (must happen before jax is imported)."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")

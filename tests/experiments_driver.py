@@ -22,6 +22,7 @@ def _kill_in_save(step: int) -> None:
   """Makes Orbax SIGKILL this process when it is about to rename checkpoint `step` into place."""
   import signal  # pylint: disable=g-import-not-at-top
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def killing_finalize(self, *a, **k):
@@ -46,9 +47,13 @@ def main():
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
+
   if args.num_processes:
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{args.port}",
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+    )
   import flax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -69,7 +74,9 @@ def main():
     input_pipeline.prefetch = slow  # train.py looks it up at call time
   if args.kill_in_save is not None:
     _kill_in_save(args.kill_in_save)
-  state, result = train.train_and_evaluate_with_state(ml_collections.ConfigDict(config), args.workdir)
+  state, result = train.train_and_evaluate_with_state(
+    ml_collections.ConfigDict(config), args.workdir
+  )
   host = train.to_host({"params": state.params, "batch_stats": state.batch_stats})
   if jax.process_index() == 0:
     flat = flax.traverse_util.flatten_dict(host, sep="/")

@@ -19,11 +19,19 @@ def subprocess_env(num_devices: int) -> dict:
 
 
 def driver_command(config_json: str, workdir: str, out_npz: str, *extra: str) -> list:
-  return [sys.executable, os.path.join(REPO, "tests", "experiments_driver.py"), config_json, workdir, out_npz,
-          *extra]
+  return [
+    sys.executable,
+    os.path.join(REPO, "tests", "experiments_driver.py"),
+    config_json,
+    workdir,
+    out_npz,
+    *extra,
+  ]
 
 
 def run_checked(cmd, env, timeout=300) -> subprocess.CompletedProcess:
   proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  assert proc.returncode == 0, (
+    f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  )
   return proc

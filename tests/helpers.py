@@ -3,6 +3,7 @@
 Fixtures live in `conftest.py`; these are ordinary functions so a test module can call them at import time
 (e.g. inside `pytest.mark.parametrize`).
 """
+
 import numpy as np
 
 

@@ -1,4 +1,5 @@
 """float64 NumPy references written from the papers' equations, shared by the tests."""
+
 import numpy as np
 
 
@@ -75,13 +76,16 @@ def ghost_batch_norm_train(x, ghost_batch_size, grouping, feature_axes, gamma, b
     xg = x[rows]
     mean = xg.mean(axis=(0,) + axes, keepdims=True)
     var = xg.var(axis=(0,) + axes, keepdims=True)
-    y[rows] = (xg - mean) / np.sqrt(var + eps) * np.reshape(gamma, bshape) + np.reshape(beta, bshape)
+    y[rows] = (xg - mean) / np.sqrt(var + eps) * np.reshape(gamma, bshape) + np.reshape(
+      beta, bshape
+    )
     means.append(mean.reshape(-1)), variances.append(var.reshape(-1))
   return y, np.array(means), np.array(variances)
 
 
-def keras_renorm_steps(batches, gamma, beta, *, momentum, renorm_momentum, eps, rmin, rmax, dmax,
-                       initial_variance=1.0):
+def keras_renorm_steps(
+  batches, gamma, beta, *, momentum, renorm_momentum, eps, rmin, rmax, dmax, initial_variance=1.0
+):
   """Keras `BatchNormalization(renorm=True)` on 2-D batches, step by step, in float64.
 
   Ioffe 2017, Algorithm 1, with Keras' bookkeeping (tf-keras `_renorm_correction_and_moments` and its
@@ -110,7 +114,13 @@ def keras_renorm_steps(batches, gamma, beta, *, momentum, renorm_momentum, eps, 
     sigma_m = momentum * sigma_m + (1 - momentum) * sigma_b
     variance = np.maximum(sigma_m**2 - eps, 0.0)
     y_inference = (x - mean_m) / np.sqrt(variance + eps) * gamma + beta
-    out.append(dict(y=y, moving_mean=np.broadcast_to(mean_m, mu.shape),
-                    moving_variance=np.broadcast_to(variance, mu.shape), y_inference=y_inference,
-                    clipped=(r != r_raw) | (d != d_raw)))
+    out.append(
+      dict(
+        y=y,
+        moving_mean=np.broadcast_to(mean_m, mu.shape),
+        moving_variance=np.broadcast_to(variance, mu.shape),
+        y_inference=y_inference,
+        clipped=(r != r_raw) | (d != d_raw),
+      )
+    )
   return out

@@ -20,21 +20,26 @@ _data = helpers.normal_data
 
 def _params(channels, seed=3):
   rng = np.random.default_rng(seed)
-  return {"scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
-          "bias": jnp.asarray(rng.normal(size=channels), jnp.float32)}
+  return {
+    "scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=channels), jnp.float32),
+  }
 
 
 def _vjp(bn, params, state, x, dy, **kw):
   """y, new_state and the gradients of <y, dy> w.r.t. x and params."""
+
   def f(p, x):
     return bn.apply(p, state, x, training=True, **kw)
+
   (y, new_state), pullback = jax.vjp(f, params, x)
   dparams, dx = pullback((dy, jax.tree_util.tree_map(jnp.zeros_like, new_state)))
   return y, new_state, dx, dparams
 
 
-@pytest.mark.parametrize("shape, axis", [((16, 5), -1), ((6, 4, 4, 3), -1), ((6, 3, 4, 4), 1),
-                                         ((4, 3, 5, 2), (1, 3))])
+@pytest.mark.parametrize(
+  "shape, axis", [((16, 5), -1), ((6, 4, 4, 3), -1), ((6, 3, 4, 4), 1), ((4, 3, 5, 2), (1, 3))]
+)
 def test_training_matches_reference_outputs_and_grads(shape, axis):
   x, dy = _data(shape, mean=4.0, std=2.0), _data(shape, seed=1)
   bn = normjax.batch_norm(axis=axis, epsilon=EPS)
@@ -42,8 +47,9 @@ def test_training_matches_reference_outputs_and_grads(shape, axis):
   feature_axes = (axis,) if isinstance(axis, int) else axis
   feature_axes = tuple(a % len(shape) for a in feature_axes)
   feature_shape = tuple(shape[a] for a in feature_axes)
-  params = jax.tree_util.tree_map(lambda v: v.reshape(feature_shape),
-                                  _params(int(np.prod(feature_shape))))
+  params = jax.tree_util.tree_map(
+    lambda v: v.reshape(feature_shape), _params(int(np.prod(feature_shape)))
+  )
   y, _, dx, dparams = _vjp(bn, params, state, x, dy)
   bshape = tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape)))
   scale = np.asarray(params["scale"], np.float64).reshape(bshape)
@@ -53,12 +59,18 @@ def test_training_matches_reference_outputs_and_grads(shape, axis):
   want_dx, want_dscale, want_dbias = ref.batch_norm_train_grads(x, dy, axes, scale, EPS)
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(dparams["scale"], want_dscale.reshape(feature_shape), rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(dparams["bias"], want_dbias.reshape(feature_shape), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    dparams["scale"], want_dscale.reshape(feature_shape), rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(
+    dparams["bias"], want_dbias.reshape(feature_shape), rtol=1e-5, atol=1e-5
+  )
 
 
-@pytest.mark.parametrize("options", [{}, {"ghost_batch_size": 4}, {"renorm": True},
-                                     {"use_scale": False, "use_bias": False}])
+@pytest.mark.parametrize(
+  "options",
+  [{}, {"ghost_batch_size": 4}, {"renorm": True}, {"use_scale": False, "use_bias": False}],
+)
 def test_check_grads_float64(options):
   with jax.enable_x64(True):
     x = jnp.asarray(_data((8, 3), mean=1.0, std=2.0), jnp.float64)
@@ -66,7 +78,9 @@ def test_check_grads_float64(options):
     params, state = bn.init(x)
     state = state._replace(mean=state.mean + 0.3)  # renorm's r, d away from their clip limits
     f = lambda p, x: bn.apply(p, state, x, training=True)[0]
-    if options.get("renorm"):  # r and d are stop_gradient'ed: finite differences in x would see them
+    if options.get(
+      "renorm"
+    ):  # r and d are stop_gradient'ed: finite differences in x would see them
       check_grads(lambda p: f(p, x), (params,), order=1, modes=["rev"])
     else:
       check_grads(f, (params, x), order=1, modes=["rev"])
@@ -77,15 +91,19 @@ def test_check_grads_float64(options):
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_running_statistics_after_several_steps(momentum, debias, unbiased):
   bn = normjax.batch_norm(momentum=momentum, debias=debias, unbiased_running_var=unbiased)
-  batches = [_data((6, 2, 3), mean=m, std=s, seed=i) for i, (m, s) in
-             enumerate([(1.0, 1.0), (3.0, 2.0), (-2.0, 0.5), (0.5, 3.0)])]
+  batches = [
+    _data((6, 2, 3), mean=m, std=s, seed=i)
+    for i, (m, s) in enumerate([(1.0, 1.0), (3.0, 2.0), (-2.0, 0.5), (0.5, 3.0)])
+  ]
   params, state = bn.init(batches[0])
   step = jax.jit(lambda s, x: bn.apply(params, s, x, training=True)[1])
   for x in batches:
     state = step(state, x)
   n = 12
   batch_means = [b.astype(np.float64).mean((0, 1)) for b in batches]
-  batch_vars = [b.astype(np.float64).var((0, 1)) * (n / (n - 1) if unbiased else 1) for b in batches]
+  batch_vars = [
+    b.astype(np.float64).var((0, 1)) * (n / (n - 1) if unbiased else 1) for b in batches
+  ]
   want_mean = ref.running_statistics(batch_means, np.zeros(3), momentum, debias)[-1]
   want_var = ref.running_statistics(batch_vars, np.ones(3), momentum, debias)[-1]
   np.testing.assert_allclose(state.mean, want_mean, rtol=1e-5, atol=1e-6)
@@ -97,11 +115,13 @@ def test_eval_uses_running_statistics_and_keeps_state():
   x = _data((10, 3), mean=2.0)
   bn = normjax.batch_norm()
   params, state = bn.init(x)
-  state = normjax.BatchNormState(jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 0.25, 1.0]),
-                                 jnp.array(7, jnp.int32))
+  state = normjax.BatchNormState(
+    jnp.array([1.0, 2.0, 3.0]), jnp.array([4.0, 0.25, 1.0]), jnp.array(7, jnp.int32)
+  )
   y, new_state = bn.apply(params, state, x, training=False)
-  np.testing.assert_allclose(y, (x - np.array([1.0, 2.0, 3.0])) / np.sqrt([4.0 + EPS, 0.25 + EPS, 1 + EPS]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    y, (x - np.array([1.0, 2.0, 3.0])) / np.sqrt([4.0 + EPS, 0.25 + EPS, 1 + EPS]), rtol=1e-5
+  )
   assert new_state is state
 
 
@@ -116,7 +136,9 @@ def test_ghost_batch_norm_equals_per_group_batch_norm(with_mask):
     mask = np.ones((12, 1, 1), bool)
     mask[[1, 5, 6]] = False
     dy = dy * mask  # a loss ignores padded examples (their outputs are still normalized)
-  y, new_state, dx, _ = _vjp(bn, params, state, x, dy, mask=None if mask is None else jnp.asarray(mask))
+  y, new_state, dx, _ = _vjp(
+    bn, params, state, x, dy, mask=None if mask is None else jnp.asarray(mask)
+  )
   scale, bias = np.asarray(params["scale"], np.float64), np.asarray(params["bias"], np.float64)
   means, variances, counts = [], [], []
   for g in range(3):
@@ -133,7 +155,9 @@ def test_ghost_batch_norm_equals_per_group_batch_norm(with_mask):
     np.testing.assert_allclose(np.asarray(dx)[sl][valid], want_dx, rtol=1e-4, atol=1e-5)
     means.append(m.ravel()), variances.append(v.ravel()), counts.append(valid.sum() * 3)
   w = np.array(counts, np.float64)[:, None] / sum(counts)
-  np.testing.assert_allclose(new_state.mean, 0.2 * (w * np.array(means)).sum(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    new_state.mean, 0.2 * (w * np.array(means)).sum(0), rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(new_state.var, 0.8 + 0.2 * (w * np.array(variances)).sum(0), rtol=1e-5)
 
 
@@ -159,10 +183,14 @@ def test_batch_renorm_matches_paper_equations_over_steps(r_max, d_max):
   params = _params(4)
   _, state = bn.init(_data((16, 4)))
   for step in range(3):
-    x, dy = _data((16, 4), mean=1.0 + step, std=0.5 + step, seed=step), _data((16, 4), seed=9 + step)
+    x, dy = (
+      _data((16, 4), mean=1.0 + step, std=0.5 + step, seed=step),
+      _data((16, 4), seed=9 + step),
+    )
     y, new_state, dx, dparams = _vjp(bn, params, state, x, dy)
-    want_y, want_dx, want_dscale, want_dbias, mean, var = _renorm_reference(x, dy, params, state,
-                                                                            r_max, d_max)
+    want_y, want_dx, want_dscale, want_dbias, mean, var = _renorm_reference(
+      x, dy, params, state, r_max, d_max
+    )
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dparams["scale"], want_dscale, rtol=1e-4, atol=1e-4)
@@ -195,16 +223,20 @@ def test_renorm_with_unit_clipping_equals_batch_norm():
 
 def test_renorm_paper_schedule():
   clip = normjax.batch_renorm_paper_schedule()
-  np.testing.assert_allclose([clip.r_max(s) for s in (0, 5000, 22500, 40000, 90000)],
-                             [1.0, 1.0, 2.0, 3.0, 3.0], rtol=1e-6)
-  np.testing.assert_allclose([clip.d_max(s) for s in (0, 5000, 15000, 25000, 90000)],
-                             [0.0, 0.0, 2.5, 5.0, 5.0], rtol=1e-6)
+  np.testing.assert_allclose(
+    [clip.r_max(s) for s in (0, 5000, 22500, 40000, 90000)], [1.0, 1.0, 2.0, 3.0, 3.0], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    [clip.d_max(s) for s in (0, 5000, 15000, 25000, 90000)], [0.0, 0.0, 2.5, 5.0, 5.0], rtol=1e-6
+  )
   bn = normjax.batch_renorm(**clip._asdict())
   x = _data((8, 2), mean=3.0)
   params, state = bn.init(x)
   y, _ = jax.jit(lambda s, x: bn.apply(params, s, x, training=True))(state, x)
   # at step 0, r_max = 1 and d_max = 0: plain BatchNorm
-  np.testing.assert_allclose(y, ref.batch_norm_train(x, (0,), 1.0, 0.0, EPS)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    y, ref.batch_norm_train(x, (0,), 1.0, 0.0, EPS)[0], rtol=1e-5, atol=1e-5
+  )
   late = state._replace(count=jnp.array(40000, jnp.int32))
   y_late, _ = bn.apply(params, late, x, training=True)
   assert not np.allclose(y_late, y, atol=1e-2)  # now d ≠ 0 moves the output
@@ -227,16 +259,16 @@ def test_half_precision_input_keeps_float32_state():
 
 
 VARIANTS = {
-    "plain": dict(),
-    "fast": dict(stats_method="fast"),
-    "two_pass": dict(stats_method="two_pass"),
-    "ghost": dict(ghost_batch_size=4),
-    "renorm": dict(renorm=True),
-    "renorm_schedule": dict(renorm=True, **normjax.batch_renorm_paper_schedule()._asdict()),
-    "cumulative_unbiased": dict(momentum=None, unbiased_running_var=True),
-    "debias": dict(debias=True),
-    "axes_1_3": dict(axis=(1, 3)),
-    "no_affine": dict(use_scale=False, use_bias=False),
+  "plain": dict(),
+  "fast": dict(stats_method="fast"),
+  "two_pass": dict(stats_method="two_pass"),
+  "ghost": dict(ghost_batch_size=4),
+  "renorm": dict(renorm=True),
+  "renorm_schedule": dict(renorm=True, **normjax.batch_renorm_paper_schedule()._asdict()),
+  "cumulative_unbiased": dict(momentum=None, unbiased_running_var=True),
+  "debias": dict(debias=True),
+  "axes_1_3": dict(axis=(1, 3)),
+  "no_affine": dict(use_scale=False, use_bias=False),
 }
 
 
@@ -259,25 +291,39 @@ def test_registry_jit_eager_retrace_and_state_structure(name):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   y2, s2 = jitted(params, s_jit, x + 1.0)
   assert len(traces) == 1, "a second call with the same shapes retraced"
-  same = lambda a, b: (jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and all(
+  same = lambda a, b: (
+    jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    and all(
       (u.shape, u.dtype) == (v.shape, v.dtype)
-      for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))))
+      for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    )
+  )
   assert same(state, s2) and type(s2) is normjax.BatchNormState
   assert np.isfinite(np.asarray(y2)).all()
-  grads = jax.grad(lambda p, x: jnp.sum(bn.apply(p, state, x, training=True)[0] ** 3), (0, 1))(params, x)
+  grads = jax.grad(lambda p, x: jnp.sum(bn.apply(p, state, x, training=True)[0] ** 3), (0, 1))(
+    params, x
+  )
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
 
 
 @hypothesis.settings(max_examples=12)
 @hypothesis.given(
-    batch_groups=st.integers(1, 3), group=st.integers(2, 5), spatial=st.integers(1, 3),
-    channels=st.integers(1, 4), ghost=st.booleans(),
-    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), offset=st.sampled_from([0.0, 50.0]))
-def test_property_each_group_has_mean_beta_and_std_gamma(batch_groups, group, spatial, channels,
-                                                         ghost, dtype, offset):
+  batch_groups=st.integers(1, 3),
+  group=st.integers(2, 5),
+  spatial=st.integers(1, 3),
+  channels=st.integers(1, 4),
+  ghost=st.booleans(),
+  dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+  offset=st.sampled_from([0.0, 50.0]),
+)
+def test_property_each_group_has_mean_beta_and_std_gamma(
+  batch_groups, group, spatial, channels, ghost, dtype, offset
+):
   n = batch_groups * group
   x = jnp.asarray(_data((n, spatial, channels), mean=offset, std=2.0, seed=n), dtype)
-  bn = normjax.batch_norm(ghost_batch_size=group if ghost else None, epsilon=1e-8, dtype=jnp.float32)
+  bn = normjax.batch_norm(
+    ghost_batch_size=group if ghost else None, epsilon=1e-8, dtype=jnp.float32
+  )
   params = _params(channels)
   _, state = bn.init(x)
   y, _ = bn.apply(params, state, x, training=True)

@@ -1,5 +1,6 @@
 """normjax._src.collectives: `cross_device_sum` over a named axis, with and without device groups, on 8
 real CPU devices under `jax.shard_map`, `pmap` and `vmap`, against float64 sums computed in NumPy."""
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -11,17 +12,19 @@ from tests import helpers
 
 N = 8
 GROUPINGS = {
-    "pairs": [[0, 1], [2, 3], [4, 5], [6, 7]],
-    "halves_interleaved": [[0, 2, 4, 6], [1, 3, 5, 7]],
-    "uneven": [[3], [0, 7, 1], [2, 4, 5, 6]],
-    "one_group": [list(range(N))],
+  "pairs": [[0, 1], [2, 3], [4, 5], [6, 7]],
+  "halves_interleaved": [[0, 2, 4, 6], [1, 3, 5, 7]],
+  "uneven": [[3], [0, 7, 1], [2, 4, 5, 6]],
+  "one_group": [list(range(N))],
 }
 
 
 def _per_device():
   """A pytree with one row per device: a (N, 3) leaf and a (N, 2, 2) leaf."""
-  return {"a": helpers.normal_data((N, 3), mean=1.0, seed=1),
-          "b": helpers.normal_data((N, 2, 2), std=3.0, seed=2)}
+  return {
+    "a": helpers.normal_data((N, 3), mean=1.0, seed=1),
+    "b": helpers.normal_data((N, 2, 2), std=3.0, seed=2),
+  }
 
 
 def _want(tree, groups):
@@ -62,15 +65,18 @@ def test_shard_map(groups):
   _check(got, _want(tree, groups))
 
 
-@pytest.mark.parametrize("groups", [None, GROUPINGS["pairs"], GROUPINGS["uneven"]],
-                         ids=["all", "pairs", "uneven"])
+@pytest.mark.parametrize(
+  "groups", [None, GROUPINGS["pairs"], GROUPINGS["uneven"]], ids=["all", "pairs", "uneven"]
+)
 def test_pmap(groups):
   tree = _per_device()
   got = jax.pmap(lambda t: collectives.cross_device_sum(t, "d", groups), axis_name="d")(tree)
   _check(got, _want(tree, groups))
 
 
-@pytest.mark.parametrize("groups", [None, GROUPINGS["halves_interleaved"]], ids=["all", "interleaved"])
+@pytest.mark.parametrize(
+  "groups", [None, GROUPINGS["halves_interleaved"]], ids=["all", "interleaved"]
+)
 def test_vmap_with_an_axis_name(groups):
   tree = _per_device()
   got = jax.vmap(lambda t: collectives.cross_device_sum(t, "d", groups), axis_name="d")(tree)
@@ -93,8 +99,10 @@ def test_no_axis_name_returns_the_tree_unchanged():
 
 def test_scalars_and_integer_leaves_keep_their_dtype():
   counts = np.arange(N, dtype=np.int32)
-  got = jax.vmap(lambda c: collectives.cross_device_sum((c, c.astype(jnp.float32)), "d",
-                                                          GROUPINGS["pairs"]), axis_name="d")(counts)
+  got = jax.vmap(
+    lambda c: collectives.cross_device_sum((c, c.astype(jnp.float32)), "d", GROUPINGS["pairs"]),
+    axis_name="d",
+  )(counts)
   assert got[0].dtype == jnp.int32 and got[1].dtype == jnp.float32
   np.testing.assert_array_equal(got[0], [1, 1, 5, 5, 9, 9, 13, 13])
   np.testing.assert_array_equal(got[1], [1, 1, 5, 5, 9, 9, 13, 13])
@@ -109,29 +117,41 @@ def test_reverse_mode_under_shard_map(groups):
   w = helpers.normal_data((N, 3), seed=7)
 
   def loss(x):
-    summed = jax.shard_map(lambda v: collectives.cross_device_sum({"v": v, "n": jnp.ones(())}, "d",
-                                                                   groups)["v"],
-                           mesh=mesh, in_specs=P("d"), out_specs=P("d"))(x)
+    summed = jax.shard_map(
+      lambda v: collectives.cross_device_sum({"v": v, "n": jnp.ones(())}, "d", groups)["v"],
+      mesh=mesh,
+      in_specs=P("d"),
+      out_specs=P("d"),
+    )(x)
     return (summed * w).sum()
 
   grad = jax.jit(jax.grad(loss))(x)
   np.testing.assert_allclose(grad, _want({"w": w}, groups)["w"], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("groups, axis_size, match", [
+@pytest.mark.parametrize(
+  "groups, axis_size, match",
+  [
     ([], None, r"axis_index_groups=\[\] must be a non-empty list of non-empty groups"),
     ([[0, 1], []], None, r"axis_index_groups=\[\[0, 1\], \[\]\] must be a non-empty list"),
-    ([[0, 1], [1, 2]], None, r"axis_index_groups=\[\[0, 1\], \[1, 2\]\] lists a device index twice"),
+    (
+      [[0, 1], [1, 2]],
+      None,
+      r"axis_index_groups=\[\[0, 1\], \[1, 2\]\] lists a device index twice",
+    ),
     ([[0, 1], [2, 3]], 8, r"must cover each of the 8 device indices 0\.\.7 exactly once"),
     ([[0, 1], [2, 9]], 4, r"must cover each of the 4 device indices 0\.\.3 exactly once"),
-])
+  ],
+)
 def test_check_axis_index_groups_errors(groups, axis_size, match):
   with pytest.raises(ValueError, match=match):
     collectives.check_axis_index_groups(groups, axis_size)
 
 
-@pytest.mark.parametrize("groups, axis_size", [
-    (None, None), (None, 8), ([[0, 1], [2, 3]], None), ([[3, 1], [0, 2]], 4), ([[0]], 1)])
+@pytest.mark.parametrize(
+  "groups, axis_size",
+  [(None, None), (None, 8), ([[0, 1], [2, 3]], None), ([[3, 1], [0, 2]], 4), ([[0]], 1)],
+)
 def test_check_axis_index_groups_accepts_partitions(groups, axis_size):
   assert collectives.check_axis_index_groups(groups, axis_size) is None
 

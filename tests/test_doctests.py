@@ -1,4 +1,5 @@
 """Runs the runnable examples in every public docstring."""
+
 import doctest
 import importlib
 import pkgutil
@@ -8,8 +9,10 @@ import pytest
 import normjax
 
 MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(normjax.__path__, prefix="normjax.")
-    if not m.name.endswith("__init__"))
+  m.name
+  for m in pkgutil.walk_packages(normjax.__path__, prefix="normjax.")
+  if not m.name.endswith("__init__")
+)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -5,6 +5,7 @@ checked against `normjax.batch_norm` on the stacked batch, against Equinox's own
 and against float64 NumPy references of the statistics and running-statistics formulas. The feature norms
 are checked against Equinox's own layers.
 """
+
 import dataclasses
 import inspect
 import warnings
@@ -81,10 +82,12 @@ def equinox_batch_norm(*args, **kwargs):
 
 @pytest.mark.parametrize("channelwise_affine", [True, False])
 def test_batch_mode_reproduces_equinox_batch_mode(channelwise_affine):
-  ours, s_ours = eqx.nn.make_with_state(nje.BatchNorm)(C, "batch", momentum=0.9, mode="batch",
-                                                       channelwise_affine=channelwise_affine)
-  ref, s_ref = equinox_batch_norm(C, "batch", momentum=0.9, mode="batch",
-                                  channelwise_affine=channelwise_affine)
+  ours, s_ours = eqx.nn.make_with_state(nje.BatchNorm)(
+    C, "batch", momentum=0.9, mode="batch", channelwise_affine=channelwise_affine
+  )
+  ref, s_ref = equinox_batch_norm(
+    C, "batch", momentum=0.9, mode="batch", channelwise_affine=channelwise_affine
+  )
   if channelwise_affine:
     ours, ref = with_random_affine(ours), with_random_affine(ref)
   for t, x in enumerate(batches()):
@@ -97,8 +100,11 @@ def test_batch_mode_reproduces_equinox_batch_mode(channelwise_affine):
     np.testing.assert_allclose(hidden.var, ref_var, rtol=1e-6)
     assert int(hidden.count) == int(s_ref.get(ref.batch_counter)) == t + 1
     x_eval = x[:3] + 0.5
-    evaluate = lambda m, s: jax.vmap(eqx.nn.inference_mode(m), in_axes=(0, None),  # noqa: E731
-                                     out_axes=(0, None))(x_eval, s)[0]
+    evaluate = lambda m, s: jax.vmap(
+      eqx.nn.inference_mode(m),
+      in_axes=(0, None),  # noqa: E731
+      out_axes=(0, None),
+    )(x_eval, s)[0]
     y_eval, y_ref_eval = evaluate(ours, s_ours), evaluate(ref, s_ref)
     np.testing.assert_allclose(y_eval, y_ref_eval, atol=2e-6, rtol=1e-5)
 
@@ -118,16 +124,21 @@ def test_batch_mode_running_formulas_float64():
   np.testing.assert_allclose(get(state, model).var, hidden_var, rtol=1e-5)
   debias = 1 - m**2
   x_eval = xs[0]
-  y, _ = jax.vmap(lambda xi, s: model(xi, s, inference=True), in_axes=(0, None),
-                  out_axes=(0, None))(x_eval, state)
-  expected = np_normalize(x_eval, hidden_mean / debias, hidden_var / debias, np.ones(C), np.zeros(C))
+  y, _ = jax.vmap(
+    lambda xi, s: model(xi, s, inference=True), in_axes=(0, None), out_axes=(0, None)
+  )(x_eval, state)
+  expected = np_normalize(
+    x_eval, hidden_mean / debias, hidden_var / debias, np.ones(C), np.zeros(C)
+  )
   np.testing.assert_allclose(y, expected, atol=2e-5, rtol=1e-5)
   # Measured: the inference variance of channel 0 is 1.2 larger than Haiku's zero-start debiasing would
   # give, i.e. m^2 / (1 - m^2) = 0.64 / 0.36.
   haiku_var = (hidden_var - m**2) / debias
   np.testing.assert_allclose(hidden_var / debias - haiku_var, m**2 / debias, rtol=1e-12)
   # Before any training step Equinox divides by 1: running mean 0, variance 1.
-  fresh, fresh_state = eqx.nn.make_with_state(nje.BatchNorm)(C, "batch", mode="batch", inference=True)
+  fresh, fresh_state = eqx.nn.make_with_state(nje.BatchNorm)(
+    C, "batch", mode="batch", inference=True
+  )
   y0, _ = jax.vmap(fresh, in_axes=(0, None), out_axes=(0, None))(x_eval, fresh_state)
   np.testing.assert_allclose(y0, x_eval / np.sqrt(1 + 1e-5), rtol=1e-6)
 
@@ -149,8 +160,9 @@ def run_both(steps=3, shape=(N, C, H, W), masks=None, **options):
       y_core, core_state = core.apply(params, core_state, x, training=True)
     else:
       mask = masks[t]
-      y, state = jax.vmap(lambda xi, mi: model(xi, state, mask=mi), axis_name="batch",
-                          out_axes=(0, None))(x, mask)
+      y, state = jax.vmap(
+        lambda xi, mi: model(xi, state, mask=mi), axis_name="batch", out_axes=(0, None)
+      )(x, mask)
       y_core, core_state = core.apply(params, core_state, x, training=True, mask=mask)
     out.append((x, y, get(state, model), y_core, core_state))
   return model, state, core, params, out
@@ -174,13 +186,18 @@ def test_default_semantics_equal_the_core_on_the_stacked_batch_and_float64():
   np.testing.assert_allclose(out[-1][2].mean, ref_mean, rtol=1e-5)
   np.testing.assert_allclose(out[-1][2].var, ref_var, rtol=1e-5)
   x = out[0][0]
-  y_eval, same = jax.vmap(eqx.nn.inference_mode(model), in_axes=(0, None), out_axes=(0, None))(x, state)
-  np.testing.assert_allclose(y_eval, np_normalize(x, ref_mean, ref_var, model.weight, model.bias),
-                             atol=2e-5)
+  y_eval, same = jax.vmap(eqx.nn.inference_mode(model), in_axes=(0, None), out_axes=(0, None))(
+    x, state
+  )
+  np.testing.assert_allclose(
+    y_eval, np_normalize(x, ref_mean, ref_var, model.weight, model.bias), atol=2e-5
+  )
   assert same is not None and int(get(same, model).count) == 3
 
 
-@pytest.mark.parametrize("options", [
+@pytest.mark.parametrize(
+  "options",
+  [
     dict(ghost_batch_size=4),
     dict(ghost_batch_size=2, ghost_grouping="strided"),
     dict(ghost_batch_size=4, ghost_grouping="strided", unbiased_running_var=True),
@@ -188,7 +205,9 @@ def test_default_semantics_equal_the_core_on_the_stacked_batch_and_float64():
     dict(renorm=True, r_max=1.5, d_max=0.5),
     dict(debias=True),
     dict(momentum=None, unbiased_running_var=True),
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+  ],
+  ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_options_equal_the_core_on_the_stacked_batch(options):
   options = dict(options)
   momentum = options.pop("momentum", 0.9)
@@ -205,16 +224,18 @@ def test_options_equal_the_core_on_the_stacked_batch(options):
 
 
 def test_ghost_batches_normalize_each_group_by_its_own_statistics_float64():
-  model, state = eqx.nn.make_with_state(nje.BatchNorm)(C, "batch", ghost_batch_size=2,
-                                                       ghost_grouping="strided")
+  model, state = eqx.nn.make_with_state(nje.BatchNorm)(
+    C, "batch", ghost_batch_size=2, ghost_grouping="strided"
+  )
   x = batches(1)[0]
   y, state = batched(model)(x, state)
   x, y = np.asarray(x), np.asarray(y)
   for j in range(4):  # strided: group j holds rows j and j + 4
     rows = [j, j + 4]
     mean, var, _ = np_moments(x[rows])
-    np.testing.assert_allclose(y[rows], np_normalize(x[rows], mean, var, np.ones(C), np.zeros(C)),
-                               atol=3e-5)
+    np.testing.assert_allclose(
+      y[rows], np_normalize(x[rows], mean, var, np.ones(C), np.zeros(C)), atol=3e-5
+    )
   means = np.stack([np_moments(x[[j, j + 4]])[0] for j in range(4)])
   np.testing.assert_allclose(get(state, model).mean, 0.01 * means.mean(0), rtol=1e-5)
 
@@ -240,8 +261,11 @@ def masks_for(steps=3, seed=3):
   return out
 
 
-@pytest.mark.parametrize("options", [{}, dict(ghost_batch_size=4), dict(unbiased_running_var=True)],
-                         ids=["plain", "ghost", "unbiased"])
+@pytest.mark.parametrize(
+  "options",
+  [{}, dict(ghost_batch_size=4), dict(unbiased_running_var=True)],
+  ids=["plain", "ghost", "unbiased"],
+)
 def test_masks_give_exact_statistics_for_unequal_counts(options):
   masks = masks_for()
   model, state, core, params, out = run_both(masks=masks, **options)
@@ -268,7 +292,8 @@ def test_tuple_axis_names_pool_every_named_axis():
   x = batches(1)[0]
   inner = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
   y, state = jax.vmap(inner, axis_name="outer", in_axes=(0, None), out_axes=(0, None))(
-      x.reshape(2, 4, C, H, W), state)
+    x.reshape(2, 4, C, H, W), state
+  )
   core = normjax.batch_norm(axis=1, momentum=0.9)
   params, core_state = core.init(x)
   y_core, core_state = core.apply(params, core_state, x, training=True)
@@ -303,9 +328,15 @@ def test_gradients_equal_the_core_on_the_stacked_batch():
 
 def test_in_a_sequential_model_under_filter_jit_with_inference_mode():
   key1, key2 = jax.random.split(jax.random.key(0))
-  model, state = eqx.nn.make_with_state(eqx.nn.Sequential)([
-      eqx.nn.Conv2d(C, 4, 3, padding=1, key=key1), nje.BatchNorm(4, "batch"),
-      eqx.nn.Lambda(jax.nn.relu), nje.GroupNorm(2, 4), eqx.nn.Conv2d(4, 2, 1, key=key2)])
+  model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+    [
+      eqx.nn.Conv2d(C, 4, 3, padding=1, key=key1),
+      nje.BatchNorm(4, "batch"),
+      eqx.nn.Lambda(jax.nn.relu),
+      nje.GroupNorm(2, 4),
+      eqx.nn.Conv2d(4, 2, 1, key=key2),
+    ]
+  )
   x = batches(1)[0]
 
   @eqx.filter_jit
@@ -331,8 +362,12 @@ def test_inference_flag_attribute_argument_and_refusals():
   np.testing.assert_allclose(single, x[0] / np.sqrt(1 + 1e-5), rtol=1e-6)
   y_eval, same = batched(eqx.nn.inference_mode(model))(x, state)
   assert int(get(same, model).count) == 0
-  y_train, trained = jax.vmap(lambda xi, s: eqx.nn.inference_mode(model)(xi, s, inference=False),
-                              axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+  y_train, trained = jax.vmap(
+    lambda xi, s: eqx.nn.inference_mode(model)(xi, s, inference=False),
+    axis_name="batch",
+    in_axes=(0, None),
+    out_axes=(0, None),
+  )(x, state)
   assert int(get(trained, model).count) == 1
   for bad in ("yes", 1, jnp.array(True)):
     with pytest.raises(TypeError) as excinfo:
@@ -350,18 +385,33 @@ def test_inference_flag_attribute_argument_and_refusals():
 
 # --- options, signature and errors ----------------------------------------------------------------
 
-NON_DEFAULT = dict(debias=True, unbiased_running_var=True, use_scale=False, use_bias=False,
-                   stats_method="two_pass", axis_index_groups=[[0, 1], [2, 3]], ghost_batch_size=2,
-                   ghost_grouping="strided", renorm=True, r_max=2.0, d_max=1.0, check_finite=True)
+NON_DEFAULT = dict(
+  debias=True,
+  unbiased_running_var=True,
+  use_scale=False,
+  use_bias=False,
+  stats_method="two_pass",
+  axis_index_groups=[[0, 1], [2, 3]],
+  ghost_batch_size=2,
+  ghost_grouping="strided",
+  renorm=True,
+  r_max=2.0,
+  d_max=1.0,
+  check_finite=True,
+)
 
 
 def test_every_core_option_is_reachable():
   """Each BatchNormConfig field is a normjax keyword, an Equinox argument, or fixed by the layout: a new
   core option the face cannot take fails here."""
   fields = {f.name: f for f in dataclasses.fields(bn_lib.BatchNormConfig)}
-  renamed = {"epsilon": ("eps", 1e-3), "param_dtype": ("dtype", jnp.bfloat16),
-             "dtype": ("output_dtype", jnp.float16), "momentum": ("momentum", 0.5),
-             "axis_name": ("axis_name", "devices")}
+  renamed = {
+    "epsilon": ("eps", 1e-3),
+    "param_dtype": ("dtype", jnp.bfloat16),
+    "dtype": ("output_dtype", jnp.float16),
+    "momentum": ("momentum", 0.5),
+    "axis_name": ("axis_name", "devices"),
+  }
   assert set(eqx_bn.RENAMED_OPTIONS) | set(eqx_bn.NAMED_OPTIONS) == set(renamed)
   assert set(eqx_bn.FIXED_OPTIONS) == {"axis"}
   for name, field in fields.items():
@@ -393,7 +443,7 @@ def test_every_core_option_is_reachable():
 def test_signature_starts_with_equinox_batch_norm_arguments():
   ours = list(inspect.signature(nje.BatchNorm.__init__).parameters)
   theirs = list(inspect.signature(eqx.nn.BatchNorm.__init__).parameters)
-  assert ours[:len(theirs)] == theirs
+  assert ours[: len(theirs)] == theirs
   call = list(inspect.signature(nje.BatchNorm.__call__).parameters)
   assert call[:5] == list(inspect.signature(eqx.nn.BatchNorm.__call__).parameters)
 
@@ -412,7 +462,9 @@ def test_dtype_is_the_parameter_dtype_and_state_stays_float32():
   assert nje.BatchNorm(C, "batch").weight.dtype == jnp.float32  # Equinox's default (no x64)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
     (dict(mode="ema"), ValueError, "mode='ema' is not supported.*mode='batch'"),
     (dict(mode="legacy"), ValueError, "mode='legacy' is not supported.*mode='batch'"),
     (dict(mode="bach"), ValueError, "mode='bach' must be 'batch'"),
@@ -427,7 +479,8 @@ def test_dtype_is_the_parameter_dtype_and_state_stays_float32():
     (dict(channelwise_affine=1), TypeError, "channelwise_affine=1 must be a bool"),
     (dict(momentum=1.5), ValueError, "momentum=1.5"),
     (dict(eps=0.0), ValueError, "epsilon=0.0"),
-])
+  ],
+)
 def test_bad_construction_raises_clearly(kwargs, error, match):
   kwargs = {"axis_name": "batch", **kwargs}
   with pytest.raises(error, match=match):
@@ -449,8 +502,11 @@ def test_bad_calls_raise_clearly():
   plain, plain_state = eqx.nn.make_with_state(nje.BatchNorm)(C, "batch")
   with pytest.raises(NameError, match="axis_name='batch' is not bound.*jax.vmap"):
     plain(x[0], plain_state)
-  with pytest.raises(ValueError, match=r"x has shape \(8, 3, 4, 4\); expected one example of shape "
-                                       r"\(3, "):
+  with pytest.raises(
+    ValueError,
+    match=r"x has shape \(8, 3, 4, 4\); expected one example of shape "
+    r"\(3, ",
+  ):
     plain(x, plain_state, inference=True)
   with pytest.raises(TypeError, match="x has dtype int32"):
     plain(jnp.ones((C, 2), jnp.int32), plain_state, inference=True)
@@ -464,8 +520,9 @@ def test_a_scalar_mask_drops_whole_examples():
   model, state = eqx.nn.make_with_state(nje.BatchNorm)(C, "batch", momentum=0.5)
   x = batches(1)[0]
   keep = jnp.arange(N) % 3 != 0
-  _, state = jax.vmap(lambda xi, ki: model(xi, state, mask=ki), axis_name="batch",
-                      out_axes=(0, None))(x, keep)
+  _, state = jax.vmap(
+    lambda xi, ki: model(xi, state, mask=ki), axis_name="batch", out_axes=(0, None)
+  )(x, keep)
   mean, var, count = np_moments(np.asarray(x)[np.asarray(keep)])
   assert count.tolist() == [5 * H * W] * C
   np.testing.assert_allclose(get(state, model).mean, 0.5 * mean, rtol=1e-5)
@@ -479,7 +536,9 @@ def randomize(layer, seed=11):
   for name in ("weight", "bias"):
     value = getattr(layer, name)
     if value is not None:
-      noise = 0.3 * jax.random.normal(jax.random.fold_in(jax.random.key(seed), len(name)), value.shape)
+      noise = 0.3 * jax.random.normal(
+        jax.random.fold_in(jax.random.key(seed), len(name)), value.shape
+      )
       layer = eqx.tree_at(lambda m, n=name: getattr(m, n), layer, value + noise)
   return layer
 
@@ -491,14 +550,18 @@ def same_params(ours, theirs):
   return ours
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda m: m.LayerNorm((4, 5)),
     lambda m: m.LayerNorm(5, use_bias=False, eps=1e-3),
     lambda m: m.RMSNorm((4, 5)),
     lambda m: m.RMSNorm(5, use_bias=False),
     lambda m: m.GroupNorm(2, 6),
     lambda m: m.GroupNorm(3, None, channelwise_affine=False),
-], ids=["layer", "layer-nobias", "rms", "rms-nobias", "group", "group-noaffine"])
+  ],
+  ids=["layer", "layer-nobias", "rms", "rms-nobias", "group", "group-noaffine"],
+)
 def test_feature_norms_match_equinox(make):
   theirs = randomize(make(eqx.nn))
   ours = same_params(make(nje), theirs)

@@ -1,4 +1,5 @@
 """Bad input raises a clear exception at trace time (under jax.eval_shape), never a silent NaN."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,9 @@ import normjax
 X = jax.ShapeDtypeStruct((8, 4, 3), jnp.float32)
 
 
-@pytest.mark.parametrize("options, match", [
+@pytest.mark.parametrize(
+  "options, match",
+  [
     (dict(momentum=1.0), r"momentum=1.0 must be a number in \[0, 1\)"),
     (dict(momentum=-0.1), r"momentum=-0.1"),
     (dict(ghost_batch_size=1), r"ghost_batch_size=1 must be an int >= 2"),
@@ -19,7 +22,8 @@ X = jax.ShapeDtypeStruct((8, 4, 3), jnp.float32)
     (dict(stats_method="naive"), r"stats_method='naive' must be one of"),
     (dict(axis_index_groups=[[0, 1]]), r"axis_index_groups needs axis_name"),
     (dict(axis_name="b", axis_index_groups=[[0, 1], [1, 2]]), r"lists a device index twice"),
-])
+  ],
+)
 def test_bad_options_raise_at_construction(options, match):
   with pytest.raises(ValueError, match=match):
     normjax.batch_norm(**options)
@@ -28,15 +32,19 @@ def test_bad_options_raise_at_construction(options, match):
 def _trace(bn, x=X, mask=None, training=True, params=None, state=None):
   if params is None:
     params, state = bn.init(x)
-  return jax.eval_shape(lambda p, s, x: bn.apply(p, s, x, training=training, mask=mask),
-                        params, state, x)
+  return jax.eval_shape(
+    lambda p, s, x: bn.apply(p, s, x, training=training, mask=mask), params, state, x
+  )
 
 
-@pytest.mark.parametrize("options, x, match", [
+@pytest.mark.parametrize(
+  "options, x, match",
+  [
     (dict(axis=3), X, r"axis=3 is out of range for an input of rank 3"),
     (dict(axis=(0, -4)), X, r"axis=\(0, -4\) is out of range"),
     (dict(ghost_batch_size=3), X, r"ghost_batch_size=3 must divide the batch size 8 along axis 0"),
-])
+  ],
+)
 def test_bad_shapes_raise_at_trace_time(options, x, match):
   bn = normjax.batch_norm(**options)
   with pytest.raises(ValueError, match=match):
@@ -46,7 +54,9 @@ def test_bad_shapes_raise_at_trace_time(options, x, match):
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.uint8])
 def test_integer_or_boolean_input(dtype):
   bn = normjax.batch_norm()
-  with pytest.raises(TypeError, match=f"x has dtype {jnp.dtype(dtype)}; normalization needs a floating"):
+  with pytest.raises(
+    TypeError, match=f"x has dtype {jnp.dtype(dtype)}; normalization needs a floating"
+  ):
     bn.init(jax.ShapeDtypeStruct((4, 3), dtype))
   params, state = bn.init(jnp.ones((4, 3)))
   with pytest.raises(TypeError, match="floating-point"):
@@ -62,7 +72,9 @@ def test_params_or_state_that_do_not_match_x():
   bn = normjax.batch_norm()
   params, state = bn.init(X)
   bad_scale = {**params, "scale": jnp.ones(4)}
-  with pytest.raises(ValueError, match=r"params\['scale'\] has shape \(4,\) .* expected shape \(3,\)"):
+  with pytest.raises(
+    ValueError, match=r"params\['scale'\] has shape \(4,\) .* expected shape \(3,\)"
+  ):
     _trace(bn, params=bad_scale, state=state)
   with pytest.raises(ValueError, match=r"state.var has shape \(3,\) and dtype bfloat16"):
     _trace(bn, params=params, state=state._replace(var=state.var.astype(jnp.bfloat16)))
@@ -76,7 +88,9 @@ def test_params_or_state_that_do_not_match_x():
 def test_a_single_element_per_statistics_group_when_training(options, shape):
   bn = normjax.batch_norm(**options)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
-  with pytest.raises(ValueError, match=r"training with 1 element\(s\) per feature .* variance is undefined"):
+  with pytest.raises(
+    ValueError, match=r"training with 1 element\(s\) per feature .* variance is undefined"
+  ):
     _trace(bn, x)
   _trace(bn, x, training=False)  # evaluation with one example is fine
 

@@ -26,13 +26,13 @@ from experiments_fixtures import run_checked
 from experiments_fixtures import subprocess_env
 
 CONFIGS = {
-    "digits_bn_vs_none": (digits_bn_vs_none, "small"),
-    "mnist_cnn": (mnist_cnn, "small"),
-    "fashion_mnist_cnn": (fashion_mnist_cnn, "small"),
-    "cifar10_cnn": (cifar10_cnn, "small"),
-    "cifar10_cnn_max_norm": (cifar10_cnn, "small,max_norm"),
-    "cifar10_resnet20": (cifar10_resnet20, "small"),
-    "cifar10_resnet18": (cifar10_resnet18, "small"),
+  "digits_bn_vs_none": (digits_bn_vs_none, "small"),
+  "mnist_cnn": (mnist_cnn, "small"),
+  "fashion_mnist_cnn": (fashion_mnist_cnn, "small"),
+  "cifar10_cnn": (cifar10_cnn, "small"),
+  "cifar10_cnn_max_norm": (cifar10_cnn, "small,max_norm"),
+  "cifar10_resnet20": (cifar10_resnet20, "small"),
+  "cifar10_resnet18": (cifar10_resnet18, "small"),
 }
 
 
@@ -40,7 +40,9 @@ def _small(module, variant, cache, **overrides):
   config = module.get_config(variant)
   config.cache_dir = cache
   config.progress_bar = False
-  if config.get("data_dir"):  # configs name ../shared/data relative to the repo root; tests may run elsewhere
+  if config.get(
+    "data_dir"
+  ):  # configs name ../shared/data relative to the repo root; tests may run elsewhere
     config.data_dir = os.path.join(SHARED_DATA, os.path.basename(config.data_dir))
   config.update(overrides)
   return config
@@ -77,7 +79,9 @@ def test_config_smoke(name, data_cache, tmp_path):
 
 
 def test_digits_learns_and_recalibrates(data_cache, tmp_path):
-  config = _small(default, "", data_cache, num_steps=60, recalibrate_steps=4, batch_size=64, log_every=10)
+  config = _small(
+    default, "", data_cache, num_steps=60, recalibrate_steps=4, batch_size=64, log_every=10
+  )
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["eval_accuracy"] > 0.8, result
   assert result["eval_accuracy_recalibrated"] > 0.8, result
@@ -85,7 +89,15 @@ def test_digits_learns_and_recalibrates(data_cache, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_cache, tmp_path, monkeypatch):
-  config = _small(default, "", data_cache, num_steps=12, checkpoint_every=4, log_every=2, async_checkpointing=False)
+  config = _small(
+    default,
+    "",
+    data_cache,
+    num_steps=12,
+    checkpoint_every=4,
+    log_every=2,
+    async_checkpointing=False,
+  )
   original = train._global_batch
   calls = []
 
@@ -96,8 +108,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_cache, tmp_path, mon
     return original(batch, sharding)
 
   monkeypatch.setattr(train, "_global_batch", poisoned)
-  with pytest.raises(FloatingPointError, match=r"training diverged at step 7: the training loss is nan; stopped. "
-                                               r"Every saved checkpoint is finite; the last is step 4 in "):
+  with pytest.raises(
+    FloatingPointError,
+    match=r"training diverged at step 7: the training loss is nan; stopped. "
+    r"Every saved checkpoint is finite; the last is step 4 in ",
+  ):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
@@ -120,14 +135,28 @@ def _assert_trees_close(a, b, **tol):
 
 def test_killed_run_resumes_to_the_same_parameters(data_cache, tmp_path):
   train.input_pipeline.get_datasets(_small(default, "", data_cache))  # prepare the data once, here
-  overrides = {"dataset": "digits", "cache_dir": data_cache, "num_steps": 40, "checkpoint_every": 5,
-               "batch_size": 32, "log_every": 5, "async_checkpointing": False, "progress_bar": False}
+  overrides = {
+    "dataset": "digits",
+    "cache_dir": data_cache,
+    "num_steps": 40,
+    "checkpoint_every": 5,
+    "batch_size": 32,
+    "log_every": 5,
+    "async_checkpointing": False,
+    "progress_bar": False,
+  }
   cfg = json.dumps(overrides)
   env = subprocess_env(2)
-  reference = run_checked(driver_command(cfg, str(tmp_path / "ref"), str(tmp_path / "ref.npz")), env)
+  reference = run_checked(
+    driver_command(cfg, str(tmp_path / "ref"), str(tmp_path / "ref.npz")), env
+  )
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(driver_command(cfg, str(workdir), str(tmp_path / "unused.npz"), "--sleep", "0.25"),
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    driver_command(cfg, str(workdir), str(tmp_path / "unused.npz"), "--sleep", "0.25"),
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -156,15 +185,43 @@ def test_killed_run_resumes_to_the_same_parameters(data_cache, tmp_path):
 
 def test_two_processes_match_one_process_with_four_devices(data_cache, tmp_path):
   train.input_pipeline.get_datasets(_small(default, "", data_cache))
-  cfg = json.dumps({"dataset": "digits", "cache_dir": data_cache, "norm": "sync_batch_norm", "num_steps": 4,
-                    "batch_size": 32, "eval_batch_size": 64, "checkpoint_every": -1, "log_every": 1,
-                    "progress_bar": False, "learning_rate": 0.1})
+  cfg = json.dumps(
+    {
+      "dataset": "digits",
+      "cache_dir": data_cache,
+      "norm": "sync_batch_norm",
+      "num_steps": 4,
+      "batch_size": 32,
+      "eval_batch_size": 64,
+      "checkpoint_every": -1,
+      "log_every": 1,
+      "progress_bar": False,
+      "learning_rate": 0.1,
+    }
+  )
   port = _free_port()
   env = subprocess_env(2)
-  procs = [subprocess.Popen(driver_command(cfg, str(tmp_path / "multi"), str(tmp_path / "multi.npz"),
-                                           "--process_id", str(i), "--num_processes", "2", "--port", str(port)),
-                            env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      driver_command(
+        cfg,
+        str(tmp_path / "multi"),
+        str(tmp_path / "multi.npz"),
+        "--process_id",
+        str(i),
+        "--num_processes",
+        "2",
+        "--port",
+        str(port),
+      ),
+      env=env,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outputs = [p.communicate(timeout=240)[0] for p in procs]
   finally:
@@ -173,12 +230,14 @@ def test_two_processes_match_one_process_with_four_devices(data_cache, tmp_path)
         p.kill()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-5000:]
-  single = run_checked(driver_command(cfg, str(tmp_path / "single"), str(tmp_path / "single.npz")),
-                       subprocess_env(4))
+  single = run_checked(
+    driver_command(cfg, str(tmp_path / "single"), str(tmp_path / "single.npz")), subprocess_env(4)
+  )
   multi, one = _load(tmp_path / "multi.npz"), _load(tmp_path / "single.npz")
   assert any(k.startswith("batch_stats/") for k in multi)
   _assert_trees_close(multi, one, rtol=1e-5, atol=1e-6)
   assert json.loads(outputs[0].split("RESULT", 1)[1])["eval_accuracy"] == pytest.approx(
-      json.loads(single.stdout.split("RESULT", 1)[1])["eval_accuracy"])
+    json.loads(single.stdout.split("RESULT", 1)[1])["eval_accuracy"]
+  )
   # Statistics moved away from their initial values, identically in both set-ups.
   assert not np.allclose(multi["batch_stats/NormAct_0/BatchNorm_0/mean"], 0.0)

@@ -1,6 +1,7 @@
 """Fault injection through every face: a NaN / inf element or an all-masked batch never poisons the
 running statistics (the core's rule, `normjax/_src/batch_norm.py::updated_state`), whichever face calls
 the core. The experiments' faults (checkpoints, caches, configs) are in test_experiments_faults.py."""
+
 import equinox as eqx
 from flax import nnx
 import jax
@@ -36,8 +37,9 @@ def _linen(x, mask):
   variables = layer.init(jax.random.key(0), x, training=False)
   stats = variables["batch_stats"]
   stats = {**stats, "mean": stats["mean"] + 0.25, "var": stats["var"] * 1.5}
-  _, updates = layer.apply({**variables, "batch_stats": stats}, x, training=True, mask=mask,
-                           mutable=["batch_stats"])
+  _, updates = layer.apply(
+    {**variables, "batch_stats": stats}, x, training=True, mask=mask, mutable=["batch_stats"]
+  )
   new = updates["batch_stats"]
   return normjax.BatchNormState(**stats), normjax.BatchNormState(**new)
 
@@ -57,10 +59,14 @@ def _equinox(x, mask):
   old = old._replace(mean=old.mean + 0.25, var=old.var * 1.5)
   state = state.set(layer.state_index, old)
   per_example_mask = None if mask is None else jnp.broadcast_to(mask, (B, C))
-  run = jax.vmap(lambda xi, mi: layer(xi, state, mask=mi), axis_name="batch", in_axes=(0, 0),
-                 out_axes=(0, None))
-  _, state = run(x, per_example_mask) if mask is not None else jax.vmap(
-      lambda xi: layer(xi, state), axis_name="batch", out_axes=(0, None))(x)
+  run = jax.vmap(
+    lambda xi, mi: layer(xi, state, mask=mi), axis_name="batch", in_axes=(0, 0), out_axes=(0, None)
+  )
+  _, state = (
+    run(x, per_example_mask)
+    if mask is not None
+    else jax.vmap(lambda xi: layer(xi, state), axis_name="batch", out_axes=(0, None))(x)
+  )
   return old, state.get(layer.state_index)
 
 
@@ -96,8 +102,7 @@ def test_check_finite_stops_at_the_first_non_finite_batch(face):
   bn = normjax.batch_norm(check_finite=True)
   x = _batch(np.nan)
   params, state = bn.init(x)
-  checked = jax.experimental.checkify.checkify(
-      lambda s, v: bn.apply(params, s, v, training=True))
+  checked = jax.experimental.checkify.checkify(lambda s, v: bn.apply(params, s, v, training=True))
   err, _ = jax.jit(checked)(state, x)
   with pytest.raises(jax.experimental.checkify.JaxRuntimeError, match="not finite"):
     err.throw()

@@ -1,4 +1,5 @@
 """Layer / group / instance / RMS norm against float64 NumPy references written from the papers."""
+
 import flax.linen as nn
 from flax import nnx
 import hypothesis
@@ -35,7 +36,7 @@ def ref_layer_norm(x, reduce_axes, scale, bias, eps=EPS):
   """Ba et al. 2016, eq. (4): μ, σ over the hidden units of one example; y = g ⊙ (a − μ)/σ + b."""
   x = np.asarray(x, np.float64)
   mu = x.mean(axis=reduce_axes, keepdims=True)
-  var = ((x - mu)**2).mean(axis=reduce_axes, keepdims=True)
+  var = ((x - mu) ** 2).mean(axis=reduce_axes, keepdims=True)
   return (x - mu) / np.sqrt(var + eps) * scale + bias
 
 
@@ -55,7 +56,7 @@ def ref_instance_norm(x, scale, bias, eps=EPS):
   x = np.asarray(x, np.float64)
   axes = tuple(range(1, x.ndim - 1))
   mu = x.mean(axis=axes, keepdims=True)
-  return (x - mu) / np.sqrt(((x - mu)**2).mean(axis=axes, keepdims=True) + eps) * scale + bias
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(axis=axes, keepdims=True) + eps) * scale + bias
 
 
 def ref_rms_norm(x, reduce_axes, scale, eps=EPS):
@@ -76,20 +77,42 @@ def _fd_grad(f, x, dy, h=1e-6):
 
 
 CASES = {
-    "layer_last": (lambda: normjax.layer_norm(), (3, 2, 6),
-                   lambda x, p: ref_layer_norm(x, -1, np.asarray(p["scale"]), np.asarray(p["bias"])), (6,)),
-    "layer_hwc": (lambda: normjax.layer_norm(reduction_axes=(1, 2, 3), feature_axes=-1), (2, 3, 3, 4),
-                  lambda x, p: ref_layer_norm(x, (1, 2, 3), np.asarray(p["scale"]),
-                                              np.asarray(p["bias"])), (4,)),
-    "group2": (lambda: normjax.group_norm(num_groups=2), (2, 3, 3, 4),
-               lambda x, p: ref_group_norm(x, 2, np.asarray(p["scale"]), np.asarray(p["bias"])), (4,)),
-    "group_size2": (lambda: normjax.group_norm(group_size=2), (2, 2, 3, 6),
-                    lambda x, p: ref_group_norm(x, 3, np.asarray(p["scale"]), np.asarray(p["bias"])),
-                    (6,)),
-    "instance": (lambda: normjax.instance_norm(), (2, 3, 3, 3),
-                 lambda x, p: ref_instance_norm(x, np.asarray(p["scale"]), np.asarray(p["bias"])), (3,)),
-    "rms": (lambda: normjax.rms_norm(), (3, 2, 6),
-            lambda x, p: ref_rms_norm(x, -1, np.asarray(p["scale"])), (6,)),
+  "layer_last": (
+    lambda: normjax.layer_norm(),
+    (3, 2, 6),
+    lambda x, p: ref_layer_norm(x, -1, np.asarray(p["scale"]), np.asarray(p["bias"])),
+    (6,),
+  ),
+  "layer_hwc": (
+    lambda: normjax.layer_norm(reduction_axes=(1, 2, 3), feature_axes=-1),
+    (2, 3, 3, 4),
+    lambda x, p: ref_layer_norm(x, (1, 2, 3), np.asarray(p["scale"]), np.asarray(p["bias"])),
+    (4,),
+  ),
+  "group2": (
+    lambda: normjax.group_norm(num_groups=2),
+    (2, 3, 3, 4),
+    lambda x, p: ref_group_norm(x, 2, np.asarray(p["scale"]), np.asarray(p["bias"])),
+    (4,),
+  ),
+  "group_size2": (
+    lambda: normjax.group_norm(group_size=2),
+    (2, 2, 3, 6),
+    lambda x, p: ref_group_norm(x, 3, np.asarray(p["scale"]), np.asarray(p["bias"])),
+    (6,),
+  ),
+  "instance": (
+    lambda: normjax.instance_norm(),
+    (2, 3, 3, 3),
+    lambda x, p: ref_instance_norm(x, np.asarray(p["scale"]), np.asarray(p["bias"])),
+    (3,),
+  ),
+  "rms": (
+    lambda: normjax.rms_norm(),
+    (3, 2, 6),
+    lambda x, p: ref_rms_norm(x, -1, np.asarray(p["scale"])),
+    (6,),
+  ),
 }
 
 
@@ -115,7 +138,9 @@ def test_channels_first_group_norm_matches_reference():
   gn = normjax.group_norm(num_groups=2, axis=1)
   params = _params((4,))
   y, _ = gn.apply(params, gn.init(x)[1], x, training=False)
-  want = ref_group_norm(np.moveaxis(x, 1, -1), 2, np.asarray(params["scale"]), np.asarray(params["bias"]))
+  want = ref_group_norm(
+    np.moveaxis(x, 1, -1), 2, np.asarray(params["scale"]), np.asarray(params["bias"])
+  )
   np.testing.assert_allclose(y, np.moveaxis(want, -1, 1), rtol=1e-5, atol=1e-5)
 
 
@@ -123,42 +148,60 @@ def test_equivalences():
   x = _data((2, 4, 4, 6), mean=-2.0, std=3.0)
   params = _params((6,))
   run = lambda t: jax.jit(lambda p, x: t.apply(p, normjax.EmptyState(), x, training=False)[0])(  # noqa: E731
-      params, x)
-  np.testing.assert_allclose(run(normjax.layer_norm(reduction_axes=(1, 2, 3))),
-                             run(normjax.group_norm(num_groups=1)), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(run(normjax.instance_norm()), run(normjax.group_norm(group_size=1)),
-                             rtol=1e-6, atol=1e-6)
+    params, x
+  )
+  np.testing.assert_allclose(
+    run(normjax.layer_norm(reduction_axes=(1, 2, 3))),
+    run(normjax.group_norm(num_groups=1)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
+  np.testing.assert_allclose(
+    run(normjax.instance_norm()), run(normjax.group_norm(group_size=1)), rtol=1e-6, atol=1e-6
+  )
 
 
-@pytest.mark.parametrize("ours, theirs", [
+@pytest.mark.parametrize(
+  "ours, theirs",
+  [
     (lambda: njl.LayerNorm(), lambda: nn.LayerNorm(epsilon=EPS)),
-    (lambda: njl.LayerNorm(reduction_axes=(1, 2, 3)),
-     lambda: nn.LayerNorm(epsilon=EPS, reduction_axes=(1, 2, 3))),
+    (
+      lambda: njl.LayerNorm(reduction_axes=(1, 2, 3)),
+      lambda: nn.LayerNorm(epsilon=EPS, reduction_axes=(1, 2, 3)),
+    ),
     (lambda: njl.GroupNorm(num_groups=2), lambda: nn.GroupNorm(num_groups=2, epsilon=EPS)),
-    (lambda: njl.GroupNorm(group_size=1), lambda: nn.GroupNorm(num_groups=None, group_size=1, epsilon=EPS)),
+    (
+      lambda: njl.GroupNorm(group_size=1),
+      lambda: nn.GroupNorm(num_groups=None, group_size=1, epsilon=EPS),
+    ),
     (lambda: njl.RMSNorm(), lambda: nn.RMSNorm(epsilon=EPS)),
     (lambda: njl.InstanceNorm(), lambda: nn.InstanceNorm(epsilon=EPS)),
-])
+  ],
+)
 def test_linen_matches_flax(ours, theirs):
   x = _data((2, 3, 3, 4), mean=2.0, std=1.5)
   theirs_vars = theirs().init(jax.random.key(0), x)
   params = jax.tree_util.tree_map(lambda v: v + jnp.linspace(0.1, 0.4, v.shape[-1]), theirs_vars)
   ours_vars = ours().init(jax.random.key(0), x, training=False)
   assert jax.tree_util.tree_structure(ours_vars) == jax.tree_util.tree_structure(params)
-  np.testing.assert_allclose(ours().apply(params, x, training=True), theirs().apply(params, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    ours().apply(params, x, training=True), theirs().apply(params, x), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_nnx_wrappers_match_pure_transforms():
   x = _data((2, 3, 3, 4), mean=1.0)
   rngs = nnx.Rngs(0)
-  for module, t in [(njn.LayerNorm(4, rngs=rngs), normjax.layer_norm()),
-                    (njn.RMSNorm(4), normjax.rms_norm()),
-                    (njn.GroupNorm(4, num_groups=2), normjax.group_norm(num_groups=2)),
-                    (njn.InstanceNorm(4), normjax.instance_norm())]:
+  for module, t in [
+    (njn.LayerNorm(4, rngs=rngs), normjax.layer_norm()),
+    (njn.RMSNorm(4), normjax.rms_norm()),
+    (njn.GroupNorm(4, num_groups=2), normjax.group_norm(num_groups=2)),
+    (njn.InstanceNorm(4), normjax.instance_norm()),
+  ]:
     params, state = t.init(x)
-    np.testing.assert_allclose(module(x, training=True), t.apply(params, state, x, training=True)[0],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      module(x, training=True), t.apply(params, state, x, training=True)[0], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_mask_excludes_elements_from_statistics():
@@ -169,7 +212,8 @@ def test_mask_excludes_elements_from_statistics():
   x_masked = np.where(mask, x, 1e6).astype(np.float32)  # garbage in masked slots must not matter
   ln = normjax.layer_norm(use_scale=False, use_bias=False)
   y, _ = jax.jit(lambda x, m: ln.apply({}, normjax.EmptyState(), x, training=False, mask=m))(
-      x_masked, jnp.asarray(mask))
+    x_masked, jnp.asarray(mask)
+  )
   for i in range(3):
     valid = x[i][mask[i]]
     want = ref_layer_norm(valid, -1, 1.0, 0.0)
@@ -179,7 +223,8 @@ def test_mask_excludes_elements_from_statistics():
   mask_g = np.ones((2, 3, 1), bool)
   mask_g[:, 2] = False
   y, _ = jax.jit(lambda x, m: gn.apply({}, normjax.EmptyState(), x, training=False, mask=m))(
-      xg, jnp.asarray(mask_g))
+    xg, jnp.asarray(mask_g)
+  )
   want = ref_group_norm(xg[:, :2], 2, 1.0, 0.0)
   np.testing.assert_allclose(np.asarray(y)[:, :2], want, rtol=1e-5, atol=1e-5)
 
@@ -218,8 +263,9 @@ def test_bad_input_raises():
   with pytest.raises(ValueError, match=r"num_groups=4 must divide the number of channels 6"):
     normjax.group_norm(num_groups=4).init(x)
   with pytest.raises(ValueError, match=r"group_size=4 must divide the number of channels 6"):
-    normjax.group_norm(group_size=4).apply({"scale": jnp.ones(6), "bias": jnp.zeros(6)},
-                                           normjax.EmptyState(), x, training=False)
+    normjax.group_norm(group_size=4).apply(
+      {"scale": jnp.ones(6), "bias": jnp.zeros(6)}, normjax.EmptyState(), x, training=False
+    )
   with pytest.raises(ValueError, match="exactly one of num_groups"):
     normjax.group_norm(num_groups=2, group_size=3)
   with pytest.raises(ValueError, match="exactly one of num_groups"):
@@ -233,21 +279,31 @@ def test_bad_input_raises():
   with pytest.raises(TypeError, match="floating-point"):
     normjax.rms_norm().init(jnp.ones((2, 3), jnp.int32))
   with pytest.raises(ValueError, match=r"params\['scale'\] has shape"):
-    normjax.layer_norm().apply({"scale": jnp.ones(5), "bias": jnp.zeros(6)}, normjax.EmptyState(), x,
-                               training=False)
+    normjax.layer_norm().apply(
+      {"scale": jnp.ones(5), "bias": jnp.zeros(6)}, normjax.EmptyState(), x, training=False
+    )
   with pytest.raises(TypeError, match="training"):
-    normjax.layer_norm().apply({"scale": jnp.ones(6), "bias": jnp.zeros(6)}, normjax.EmptyState(), x,
-                               training=None)
+    normjax.layer_norm().apply(
+      {"scale": jnp.ones(6), "bias": jnp.zeros(6)}, normjax.EmptyState(), x, training=None
+    )
 
 
-_GN = {g: jax.jit(lambda x, g=g: normjax.group_norm(num_groups=g, use_scale=False, use_bias=False,
-                                                    epsilon=1e-12).apply({}, normjax.EmptyState(), x,
-                                                                         training=False)[0])
-       for g in (1, 2, 3, 6)}
+_GN = {
+  g: jax.jit(
+    lambda x, g=g: normjax.group_norm(
+      num_groups=g, use_scale=False, use_bias=False, epsilon=1e-12
+    ).apply({}, normjax.EmptyState(), x, training=False)[0]
+  )
+  for g in (1, 2, 3, 6)
+}
 
 
-@hypothesis.given(groups=st.sampled_from([1, 2, 3, 6]), seed=st.integers(0, 100),
-                  mean=st.floats(-1e3, 1e3), std=st.floats(0.1, 10.0))
+@hypothesis.given(
+  groups=st.sampled_from([1, 2, 3, 6]),
+  seed=st.integers(0, 100),
+  mean=st.floats(-1e3, 1e3),
+  std=st.floats(0.1, 10.0),
+)
 def test_group_norm_property_standardizes_every_group(groups, seed, mean, std):
   spatial = 3
   x = _data((2, spatial, 3, 6), mean=mean, std=std, seed=seed)
@@ -257,8 +313,11 @@ def test_group_norm_property_standardizes_every_group(groups, seed, mean, std):
   np.testing.assert_allclose(yg.var(axis=(1, 2, 4)), 1.0, rtol=2e-3)
 
 
-_RMS = jax.jit(lambda x: normjax.rms_norm(epsilon=1e-12, use_scale=False).apply(
-    {}, normjax.EmptyState(), x, training=False)[0])
+_RMS = jax.jit(
+  lambda x: normjax.rms_norm(epsilon=1e-12, use_scale=False).apply(
+    {}, normjax.EmptyState(), x, training=False
+  )[0]
+)
 
 
 @hypothesis.given(seed=st.integers(0, 100), scale=st.floats(1e-2, 1e3))
@@ -269,10 +328,13 @@ def test_rms_norm_property_scale_invariant(seed, scale):
   np.testing.assert_allclose(np.mean(np.square(np.asarray(y1, np.float64)), -1), 1.0, rtol=1e-4)
 
 
-@pytest.mark.parametrize("module", [njl.LayerNorm, njl.GroupNorm, njl.InstanceNorm, njl.RMSNorm,
-                                    njl.FrozenBatchNorm, njl.BatchNorm])
+@pytest.mark.parametrize(
+  "module",
+  [njl.LayerNorm, njl.GroupNorm, njl.InstanceNorm, njl.RMSNorm, njl.FrozenBatchNorm, njl.BatchNorm],
+)
 def test_linen_norms_share_the_factory_call_signature(module):
   import inspect  # pylint: disable=import-outside-toplevel
+
   params = inspect.signature(module.__call__).parameters
   assert [p for p in params if p != "use_running_average"] == ["self", "x", "training", "mask"]
   assert params["training"].kind is inspect.Parameter.KEYWORD_ONLY

@@ -1,4 +1,5 @@
 """Conv-BN folding: a folded model equals the unfolded eval-mode model."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,6 @@ import pytest
 
 import normjax
 import normjax.linen as njl
-
-
 
 
 def _random_variables(model, x, seed=1):
@@ -23,6 +22,7 @@ def _random_variables(model, x, seed=1):
     if path[-1].key in ("scale", "var"):
       return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
     return jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype)
+
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -30,7 +30,9 @@ class Net(nn.Module):
   @nn.compact
   def __call__(self, x, *, training):
     x = nn.relu(njl.BatchNorm()(nn.Conv(4, (3, 3), use_bias=False)(x), training=training))
-    x = nn.relu(njl.FrozenBatchNorm(use_scale=False)(nn.Conv(6, (3, 3), strides=2)(x), training=training))
+    x = nn.relu(
+      njl.FrozenBatchNorm(use_scale=False)(nn.Conv(6, (3, 3), strides=2)(x), training=training)
+    )
     x = nn.Dense(5)(x.mean((1, 2)))
     return njl.BatchNorm(epsilon=1e-3)(x, training=training)
 
@@ -51,13 +53,19 @@ def test_single_pair_matches_reference_and_layer_outputs():
   rng = np.random.default_rng(0)
   kernel = jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32)
   bias = jnp.asarray(rng.standard_normal(4), jnp.float32)
-  bn_params = {"scale": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
-               "bias": jnp.asarray(rng.standard_normal(4), jnp.float32)}
-  state = normjax.BatchNormState(jnp.asarray(rng.standard_normal(4), jnp.float32),
-                                 jnp.asarray(rng.uniform(0.1, 3, 4), jnp.float32), jnp.asarray(0))
+  bn_params = {
+    "scale": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
+    "bias": jnp.asarray(rng.standard_normal(4), jnp.float32),
+  }
+  state = normjax.BatchNormState(
+    jnp.asarray(rng.standard_normal(4), jnp.float32),
+    jnp.asarray(rng.uniform(0.1, 3, 4), jnp.float32),
+    jnp.asarray(0),
+  )
   k, b = normjax.fold_batch_norm(kernel, bias, bn_params, state, epsilon=1e-5)
-  want_k, want_b = ref_fold(kernel, bias, bn_params["scale"], bn_params["bias"], state.mean, state.var,
-                            1e-5)
+  want_k, want_b = ref_fold(
+    kernel, bias, bn_params["scale"], bn_params["bias"], state.mean, state.var, 1e-5
+  )
   np.testing.assert_allclose(k, want_k, rtol=1e-6)
   np.testing.assert_allclose(b, want_b, rtol=1e-6, atol=1e-6)
   x = jnp.asarray(rng.standard_normal((2, 5, 5, 2)), jnp.float32)
@@ -92,7 +100,9 @@ def test_bad_input_raises():
   x = jnp.ones((2, 4))
   model = NotFoldable()
   variables = _random_variables(model, x)
-  with pytest.raises(ValueError, match="BatchNorm at 'BatchNorm_0' does not directly follow a Conv or Dense"):
+  with pytest.raises(
+    ValueError, match="BatchNorm at 'BatchNorm_0' does not directly follow a Conv or Dense"
+  ):
     normjax.linen.fold_batch_norm_model(model, variables, x, training=False)
   net = Net()
   xi = jnp.ones((1, 4, 4, 2))

@@ -1,4 +1,5 @@
 """Frozen BatchNorm: running statistics used and never updated, affine optionally trainable."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,11 +13,15 @@ def _setup(shape=(4, 3, 3, 5), seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(shape).astype(np.float32) * 2 + 1
   c = shape[-1]
-  params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
-            "bias": jnp.asarray(rng.normal(size=c), jnp.float32)}
-  state = normjax.BatchNormState(jnp.asarray(rng.normal(size=c), jnp.float32),
-                                 jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32),
-                                 jnp.asarray(7, jnp.int32))
+  params = {
+    "scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=c), jnp.float32),
+  }
+  state = normjax.BatchNormState(
+    jnp.asarray(rng.normal(size=c), jnp.float32),
+    jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32),
+    jnp.asarray(7, jnp.int32),
+  )
   return x, params, state
 
 
@@ -45,8 +50,10 @@ def test_gradients(trainable):
 
   def loss(p, mean, var, x):
     return jnp.sum(fbn.apply(p, state._replace(mean=mean, var=var), x, training=True)[0] * dy)
-  dparams, dmean, dvar, dx = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(params, state.mean,
-                                                                           state.var, x)
+
+  dparams, dmean, dvar, dx = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(
+    params, state.mean, state.var, x
+  )
   inv = 1 / np.sqrt(np.asarray(state.var, np.float64) + 1e-5)
   np.testing.assert_allclose(dx, dy * np.asarray(params["scale"]) * inv, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(dmean, 0.0)
@@ -67,11 +74,14 @@ def test_linen_loads_batch_norm_variables_and_matches_its_eval_output():
   _, updates = bn.apply(variables, x, training=True, mutable=["batch_stats"])
   variables = {**variables, **updates}
   frozen = njl.FrozenBatchNorm()
-  assert (jax.tree_util.tree_structure(frozen.init(jax.random.key(0), x, training=True))
-          == jax.tree_util.tree_structure(variables))
+  assert jax.tree_util.tree_structure(
+    frozen.init(jax.random.key(0), x, training=True)
+  ) == jax.tree_util.tree_structure(variables)
   y, mutated = frozen.apply(variables, x, training=True, mutable=["batch_stats"])
   np.testing.assert_allclose(y, bn.apply(variables, x, training=False), rtol=1e-6, atol=1e-6)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, mutated["batch_stats"], variables["batch_stats"])
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, mutated["batch_stats"], variables["batch_stats"]
+  )
 
 
 def test_bad_input_raises():

@@ -6,6 +6,7 @@ autodiff through the statistics (`normalize_training(..., closed_form=False)`), 
 and dbias: plain, masked, ghost, renorm, both, several layouts, synchronized over 8 CPU devices. Reverse
 mode must keep `x` as its only full-size residual.
 """
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -23,15 +24,15 @@ from tests import helpers
 
 EPS = 1e-5
 CASES = {
-    "plain": ({}, False),
-    "masked": ({}, True),
-    "ghost": ({"ghost_batch_size": 4}, False),
-    "ghost_masked": ({"ghost_batch_size": 4}, True),
-    "renorm": ({"renorm": True}, False),
-    "renorm_masked_no_scale": ({"renorm": True, "use_scale": False}, True),
-    "no_affine": ({"use_scale": False, "use_bias": False}, False),
-    "two_pass": ({"stats_method": "two_pass"}, True),
-    "fast_stats": ({"stats_method": "fast"}, False),
+  "plain": ({}, False),
+  "masked": ({}, True),
+  "ghost": ({"ghost_batch_size": 4}, False),
+  "ghost_masked": ({"ghost_batch_size": 4}, True),
+  "renorm": ({"renorm": True}, False),
+  "renorm_masked_no_scale": ({"renorm": True, "use_scale": False}, True),
+  "no_affine": ({"use_scale": False, "use_bias": False}, False),
+  "two_pass": ({"stats_method": "two_pass"}, True),
+  "fast_stats": ({"stats_method": "fast"}, False),
 }
 
 
@@ -52,7 +53,9 @@ def _setup(options, shape, dtype, seed=0):
   params, state = bn.init(x)
   rng = np.random.default_rng(seed + 1)
   params = {k: jnp.asarray(v + rng.uniform(0.1, 0.5, v.shape), v.dtype) for k, v in params.items()}
-  state = state._replace(mean=state.mean + 2.5, var=state.var * 3.0, count=jnp.asarray(10, jnp.int32))
+  state = state._replace(
+    mean=state.mean + 2.5, var=state.var * 3.0, count=jnp.asarray(10, jnp.int32)
+  )
   return bn, params, state, x
 
 
@@ -68,15 +71,39 @@ def _autodiff_apply(options, params, state, x, mask):
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   r = d = None
   if config.renorm:
-    mean, var, _ = stats.moments_and_count(xg, reduce_axes, mask=mask_g, axis_name=config.axis_name,
-                                           axis_index_groups=config.axis_index_groups,
-                                           method=config.stats_method)
-    r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
-                                  state.count, r_max=config.r_max, d_max=config.d_max, epsilon=EPS)
+    mean, var, _ = stats.moments_and_count(
+      xg,
+      reduce_axes,
+      mask=mask_g,
+      axis_name=config.axis_name,
+      axis_index_groups=config.axis_index_groups,
+      method=config.stats_method,
+    )
+    r, d = renorm_lib.corrections(
+      mean,
+      var,
+      state.mean.reshape(bshape),
+      state.var.reshape(bshape),
+      state.count,
+      r_max=config.r_max,
+      d_max=config.d_max,
+      epsilon=EPS,
+    )
   y = fused_batch_norm.normalize_training(
-      xg, mask_g, scale, bias, r, d, reduce_axes=reduce_axes, axis_name=config.axis_name,
-      axis_index_groups=config.axis_index_groups, method=config.stats_method, epsilon=EPS,
-      dtype=config.dtype, closed_form=False)
+    xg,
+    mask_g,
+    scale,
+    bias,
+    r,
+    d,
+    reduce_axes=reduce_axes,
+    axis_name=config.axis_name,
+    axis_index_groups=config.axis_index_groups,
+    method=config.stats_method,
+    epsilon=EPS,
+    dtype=config.dtype,
+    closed_form=False,
+  )
   return y.reshape(x.shape)
 
 
@@ -85,6 +112,7 @@ def _vjp_fn(apply):
     y, pullback = jax.vjp(apply, params, x)
     dparams, dx = pullback(dy)
     return y, dx, dparams
+
   return jax.jit(run)
 
 
@@ -104,10 +132,14 @@ def _numpy_forward(options, params, state, x, mask, fixed=None):
   scale = np.asarray(params.get("scale", np.ones(channels)), np.float64)
   bias = np.asarray(params.get("bias", np.zeros(channels)), np.float64)
   g = options.get("ghost_batch_size", x.shape[0])
-  valid = np.ones(x.shape[:-1] + (1,), bool) if mask is None else np.broadcast_to(mask, x.shape[:-1] + (1,))
+  valid = (
+    np.ones(x.shape[:-1] + (1,), bool)
+    if mask is None
+    else np.broadcast_to(mask, x.shape[:-1] + (1,))
+  )
   y, groups = np.empty_like(x), []
   for k, start in enumerate(range(0, x.shape[0], g)):
-    xs, vs = x[start:start + g], valid[start:start + g]
+    xs, vs = x[start : start + g], valid[start : start + g]
     axes = tuple(range(xs.ndim - 1))
     n = vs.sum(axis=axes, keepdims=True)
     mean = (xs * vs).sum(axis=axes, keepdims=True) / n
@@ -121,7 +153,7 @@ def _numpy_forward(options, params, state, x, mask, fixed=None):
       d = np.clip((mean - np.asarray(state.mean, np.float64)) / running_sigma, -5.0, 5.0)
       if fixed is not None:
         r, d = fixed[k]
-    y[start:start + g] = scale * (xhat * r + d) + bias
+    y[start : start + g] = scale * (xhat * r + d) + bias
     groups.append((start, n, sigma, xhat, r, d))
   return y, groups
 
@@ -133,16 +165,20 @@ def _numpy_reference(options, params, state, x, dy, mask):
   channels = y.shape[-1]
   scale = np.asarray(params.get("scale", np.ones(channels)), np.float64)
   g = options.get("ghost_batch_size", y.shape[0])
-  valid = np.ones(y.shape[:-1] + (1,), bool) if mask is None else np.broadcast_to(mask, y.shape[:-1] + (1,))
+  valid = (
+    np.ones(y.shape[:-1] + (1,), bool)
+    if mask is None
+    else np.broadcast_to(mask, y.shape[:-1] + (1,))
+  )
   dx = np.empty_like(y)
   dscale, dbias = np.zeros(channels), np.zeros(channels)
   for start, n, sigma, xhat, r, d in groups:
-    dys, vs = dy[start:start + g], valid[start:start + g]
+    dys, vs = dy[start : start + g], valid[start : start + g]
     axes = tuple(range(dys.ndim - 1))
     # Every output depends on the statistics; only valid inputs move them.
     sum_dy = dys.sum(axis=axes, keepdims=True)
     sum_dy_xhat = (dys * xhat).sum(axis=axes, keepdims=True)
-    dx[start:start + g] = scale * r / sigma * (dys - vs * (sum_dy + xhat * sum_dy_xhat) / n)
+    dx[start : start + g] = scale * r / sigma * (dys - vs * (sum_dy + xhat * sum_dy_xhat) / n)
     dscale += (r * sum_dy_xhat + d * sum_dy).reshape(-1)
     dbias += sum_dy.reshape(-1)
   return y, dx, dscale, dbias
@@ -188,19 +224,26 @@ def test_low_precision_inputs_against_float64(name, dtype, tol):
   mask = jnp.asarray(_mask(shape)) if masked else None
   y, dx, dparams = _vjp_fn(_closed(bn, state, mask))(params, x, dy)
   assert y.dtype == dtype and dx.dtype == dtype and dparams["scale"].dtype == jnp.float32
-  ry, rdx, rdscale, rdbias = _numpy_reference(options, params, state, np.asarray(x, np.float64),
-                                              np.asarray(dy, np.float64), mask)
+  ry, rdx, rdscale, rdbias = _numpy_reference(
+    options, params, state, np.asarray(x, np.float64), np.asarray(dy, np.float64), mask
+  )
   # Forward mode in the same dtype, along dx = dy, against float64 central differences of the formula.
   _, tangent = jax.jvp(lambda x: _closed(bn, state, mask)(params, x), (x,), (dy,))
   assert tangent.dtype == dtype
   _, groups = _numpy_forward(options, params, state, x, mask)
   fixed = [(r, d) for _, _, _, _, r, d in groups]  # renorm's r, d are constants
-  moved = lambda t: _numpy_forward(options, params, state, np.asarray(x, np.float64) + t * np.asarray(
-      dy, np.float64), mask, fixed)[0]
+  moved = lambda t: _numpy_forward(
+    options, params, state, np.asarray(x, np.float64) + t * np.asarray(dy, np.float64), mask, fixed
+  )[0]
   rtangent = (moved(1e-5) - moved(-1e-5)) / 2e-5
   scale = lambda a: np.max(np.abs(a))
-  for got, want in ((y, ry), (dx, rdx), (dparams["scale"], rdscale), (dparams["bias"], rdbias),
-                    (tangent, rtangent)):
+  for got, want in (
+    (y, ry),
+    (dx, rdx),
+    (dparams["scale"], rdscale),
+    (dparams["bias"], rdbias),
+    (tangent, rtangent),
+  ):
     err = np.max(np.abs(np.asarray(got, np.float64) - want)) / scale(want)
     assert err < tol, (name, err)
 
@@ -221,9 +264,10 @@ def test_channels_first_and_multi_axis_layouts():
       np.testing.assert_allclose(tangent, want_tangent, rtol=1e-10, atol=1e-11)
 
 
-@pytest.mark.parametrize("options, masked, order", [({}, False, 2), ({}, True, 2),
-                                                    ({"ghost_batch_size": 2}, False, 2),
-                                                    ({"renorm": True}, True, 2)])
+@pytest.mark.parametrize(
+  "options, masked, order",
+  [({}, False, 2), ({}, True, 2), ({"ghost_batch_size": 2}, False, 2), ({"renorm": True}, True, 2)],
+)
 def test_check_grads_forward_and_reverse(options, masked, order):
   shape = (4, 2, 2)
   with jax.enable_x64(True):
@@ -234,7 +278,9 @@ def test_check_grads_forward_and_reverse(options, masked, order):
       f = lambda p, x: jnp.sum(jnp.sin(bn.apply(p, state, x, training=True, mask=mask)[0]) * w)
       check_grads(jax.jit(lambda p: f(p, x)), (params,), order=order, modes=["fwd", "rev"])
       return
-    f = jax.jit(lambda p, x: jnp.sum(jnp.sin(bn.apply(p, state, x, training=True, mask=mask)[0]) * w))
+    f = jax.jit(
+      lambda p, x: jnp.sum(jnp.sin(bn.apply(p, state, x, training=True, mask=mask)[0]) * w)
+    )
     # Every mode and order: forward, reverse, forward-over-forward, reverse-over-reverse.
     check_grads(f, (params, x), order=order, modes=["fwd", "rev"])
 
@@ -243,11 +289,11 @@ def test_check_grads_forward_and_reverse(options, masked, order):
 # Forward mode and the Hessian against float64 finite differences of the NumPy formula.
 
 FD_CASES = {
-    "plain": ({}, False),
-    "masked": ({}, True),
-    "ghost": ({"ghost_batch_size": 4}, False),
-    "renorm": ({"renorm": True}, False),
-    "ghost_masked_renorm": ({"ghost_batch_size": 4, "renorm": True}, True),
+  "plain": ({}, False),
+  "masked": ({}, True),
+  "ghost": ({"ghost_batch_size": 4}, False),
+  "renorm": ({"renorm": True}, False),
+  "ghost_masked_renorm": ({"ghost_batch_size": 4, "renorm": True}, True),
 }
 FD_SHAPE = (8, 3)
 
@@ -258,19 +304,23 @@ def _fd_problem(name):
   options, masked = FD_CASES[name]
   options = {**options, "param_dtype": jnp.float64}
   bn, params, state, x = _setup(options, FD_SHAPE, jnp.float64, seed=3)
-  mask = np.array([1, 1, 0, 1, 1, 0, 1, 0], bool)[:, None] if masked else None  # 2+ valid per ghost group
+  mask = (
+    np.array([1, 1, 0, 1, 1, 0, 1, 0], bool)[:, None] if masked else None
+  )  # 2+ valid per ghost group
   w = _data(FD_SHAPE, seed=12)
   c = FD_SHAPE[-1]
 
   def unflatten(z):
-    return {"scale": z[:c], "bias": z[c:2 * c]}, z[2 * c:].reshape(FD_SHAPE)
+    return {"scale": z[:c], "bias": z[c : 2 * c]}, z[2 * c :].reshape(FD_SHAPE)
 
   def jax_loss(z):
     p, xz = unflatten(z)
     y = bn.apply(p, state, xz, training=True, mask=None if mask is None else jnp.asarray(mask))[0]
     return jnp.sum(jnp.sin(y) * w)
 
-  z0 = np.concatenate([np.asarray(params["scale"]), np.asarray(params["bias"]), np.asarray(x).ravel()])
+  z0 = np.concatenate(
+    [np.asarray(params["scale"]), np.asarray(params["bias"]), np.asarray(x).ravel()]
+  )
   p0, x0 = unflatten(z0)
   _, groups = _numpy_forward(options, p0, state, x0, mask)
   fixed = [(r, d) for _, _, _, _, r, d in groups]
@@ -293,7 +343,9 @@ def _fd_hessian(f, z, h=2e-4):
   for i in range(n):
     for j in range(i, n):
       ei, ej = h * eye[i], h * eye[j]
-      hess[i, j] = hess[j, i] = (f(z + ei + ej) - f(z + ei - ej) - f(z - ei + ej) + f(z - ei - ej)) / (4 * h * h)
+      hess[i, j] = hess[j, i] = (
+        f(z + ei + ej) - f(z + ei - ej) - f(z - ei + ej) + f(z - ei - ej)
+      ) / (4 * h * h)
   return hess
 
 
@@ -338,13 +390,23 @@ def test_jacfwd_of_outputs_matches_jacrev_and_autodiff():
 # ---------------------------------------------------------------------------------------------------
 # Devices.
 
+
 def _mesh():
-  return jax.make_mesh((8,), ("d",), devices=jax.devices()[:8], axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (8,), ("d",), devices=jax.devices()[:8], axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
-@pytest.mark.parametrize("options, check_vma", [
-    ({}, True), ({}, False), ({"ghost_batch_size": 2}, True), ({"renorm": True}, False),
-    ({"axis_index_groups": ((0, 1, 2, 3), (4, 5, 6, 7))}, True)])
+@pytest.mark.parametrize(
+  "options, check_vma",
+  [
+    ({}, True),
+    ({}, False),
+    ({"ghost_batch_size": 2}, True),
+    ({"renorm": True}, False),
+    ({"axis_index_groups": ((0, 1, 2, 3), (4, 5, 6, 7))}, True),
+  ],
+)
 def test_synchronized_over_8_devices_matches_autodiff(options, check_vma):
   mesh = _mesh()
   with jax.enable_x64(True):
@@ -358,11 +420,21 @@ def test_synchronized_over_8_devices_matches_autodiff(options, check_vma):
         apply = _closed(bn, state, m) if closed else _autodiff(options, state, m)
         y, pullback = jax.vjp(apply, p, x)
         dparams, dx = pullback(dy)
-        if not check_vma:  # per-device gradients of replicated parameters, summed as a trainer would
+        if (
+          not check_vma
+        ):  # per-device gradients of replicated parameters, summed as a trainer would
           dparams = jax.lax.psum(dparams, "d")
         return y, dx, dparams
-      return jax.jit(jax.shard_map(inner, mesh=mesh, in_specs=(P(), P("d"), P("d"), P("d")),
-                                   out_specs=(P("d"), P("d"), P()), check_vma=check_vma))
+
+      return jax.jit(
+        jax.shard_map(
+          inner,
+          mesh=mesh,
+          in_specs=(P(), P("d"), P("d"), P("d")),
+          out_specs=(P("d"), P("d"), P()),
+          check_vma=check_vma,
+        )
+      )
 
     got = make(True)(params, x, dy, mask)
     _assert_trees_close(got, make(False)(params, x, dy, mask), rtol=1e-10, atol=1e-11)
@@ -372,8 +444,9 @@ def test_synchronized_over_8_devices_matches_autodiff(options, check_vma):
       _assert_trees_close(got, want_global, rtol=1e-10, atol=1e-11)
 
 
-@pytest.mark.parametrize("groups, check_vma", [(None, True), (None, False),
-                                               (((0, 1, 2, 3), (4, 5, 6, 7)), True)])
+@pytest.mark.parametrize(
+  "groups, check_vma", [(None, True), (None, False), (((0, 1, 2, 3), (4, 5, 6, 7)), True)]
+)
 def test_jvp_synchronized_over_8_devices_against_finite_differences(groups, check_vma):
   """jax.jvp inside shard_map with axis_name: the tangent of the global (or per-device-group) batch's
   BatchNorm, in x, scale and bias at once, against central differences of the NumPy formula."""
@@ -383,20 +456,33 @@ def test_jvp_synchronized_over_8_devices_against_finite_differences(groups, chec
     bn, params, state, x = _setup(options, shape, jnp.float64, seed=4)
     mask = _mask(shape, seed=6)
     w = _data(shape, seed=14)
-    tangents = ({k: jnp.asarray(_data(v.shape, seed=15 + i)) for i, (k, v) in enumerate(params.items())},
-                jnp.asarray(_data(shape, seed=17)))
+    tangents = (
+      {k: jnp.asarray(_data(v.shape, seed=15 + i)) for i, (k, v) in enumerate(params.items())},
+      jnp.asarray(_data(shape, seed=17)),
+    )
 
     def inner(p, x, m, dp, dx):
       return jax.jvp(lambda p, x: bn.apply(p, state, x, training=True, mask=m)[0], (p, x), (dp, dx))
 
-    f = jax.jit(jax.shard_map(inner, mesh=mesh, in_specs=(P(), P("d"), P("d"), P(), P("d")),
-                              out_specs=(P("d"), P("d")), check_vma=check_vma))
+    f = jax.jit(
+      jax.shard_map(
+        inner,
+        mesh=mesh,
+        in_specs=(P(), P("d"), P("d"), P(), P("d")),
+        out_specs=(P("d"), P("d")),
+        check_vma=check_vma,
+      )
+    )
     y, dy = f(params, x, jnp.asarray(mask), *tangents)
     # Groups of 4 devices x 4 rows are consecutive halves of the batch: ghost batches of 16 in NumPy.
     ref_options = {} if groups is None else {"ghost_batch_size": 16}
     numpy_y = lambda t: _numpy_forward(
-        ref_options, {k: np.asarray(v) + t * np.asarray(tangents[0][k]) for k, v in params.items()},
-        state, np.asarray(x) + t * np.asarray(tangents[1]), mask)[0]
+      ref_options,
+      {k: np.asarray(v) + t * np.asarray(tangents[0][k]) for k, v in params.items()},
+      state,
+      np.asarray(x) + t * np.asarray(tangents[1]),
+      mask,
+    )[0]
     h = 1e-5
     np.testing.assert_allclose(y, numpy_y(0.0), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dy, (numpy_y(h) - numpy_y(-h)) / (2 * h), rtol=1e-7, atol=1e-7)
@@ -412,18 +498,28 @@ def test_jvp_in_parameters_only_and_in_renorm_state_under_shard_map(check_vma):
   with jax.enable_x64(True):
     options = {"axis_name": "d", "renorm": True, "param_dtype": jnp.float64}
     bn, params, state, x = _setup(options, shape, jnp.float64, seed=5)
-    dparams = {k: jnp.asarray(_data(v.shape, seed=20 + i)) for i, (k, v) in enumerate(params.items())}
+    dparams = {
+      k: jnp.asarray(_data(v.shape, seed=20 + i)) for i, (k, v) in enumerate(params.items())
+    }
 
     def inner(p, s, x, dp):
       apply = lambda p, s, x: bn.apply(p, s, x, training=True)[0]
       y, dy_params = jax.jvp(lambda p: apply(p, s, x), (p,), (dp,))
       ds = jax.tree_util.tree_map(jnp.ones_like, s._replace(count=jnp.zeros((), jnp.float32)))
-      _, dy_state = jax.jvp(lambda m, v: apply(p, s._replace(mean=m, var=v), x), (s.mean, s.var),
-                            (ds.mean, ds.var))
+      _, dy_state = jax.jvp(
+        lambda m, v: apply(p, s._replace(mean=m, var=v), x), (s.mean, s.var), (ds.mean, ds.var)
+      )
       return y, dy_params, dy_state
 
-    f = jax.jit(jax.shard_map(inner, mesh=mesh, in_specs=(P(), P(), P("d"), P()),
-                              out_specs=(P("d"), P("d"), P("d")), check_vma=check_vma))
+    f = jax.jit(
+      jax.shard_map(
+        inner,
+        mesh=mesh,
+        in_specs=(P(), P(), P("d"), P()),
+        out_specs=(P("d"), P("d"), P("d")),
+        check_vma=check_vma,
+      )
+    )
     y, dy_params, dy_state = f(params, state, x, dparams)
     # y = scale·(r·x̂ + d) + bias with r, d constant: the tangent is dscale·(r·x̂ + d) + dbias.
     ry, rgroups = _numpy_forward({"renorm": True}, params, state, x, None)
@@ -437,10 +533,14 @@ def test_jvp_in_parameters_only_and_in_renorm_state_under_shard_map(check_vma):
 
 def test_jvp_under_pmap_matches_single_device():
   with jax.enable_x64(True):
-    bn, params, state, x = _setup({"axis_name": "p", "param_dtype": jnp.float64}, (16, 3), jnp.float64)
+    bn, params, state, x = _setup(
+      {"axis_name": "p", "param_dtype": jnp.float64}, (16, 3), jnp.float64
+    )
     single = normjax.batch_norm(epsilon=EPS, param_dtype=jnp.float64)
     dx = jnp.asarray(_data(x.shape, seed=18))
-    f = lambda b: lambda x, dx: jax.jvp(lambda x: b.apply(params, state, x, training=True)[0], (x,), (dx,))
+    f = lambda b: (
+      lambda x, dx: jax.jvp(lambda x: b.apply(params, state, x, training=True)[0], (x,), (dx,))
+    )
     y, dy = jax.pmap(f(bn), axis_name="p")(x.reshape(8, 2, 3), dx.reshape(8, 2, 3))
     want_y, want_dy = jax.jit(f(single))(x, dx)
     np.testing.assert_allclose(y.reshape(x.shape), want_y, rtol=1e-10, atol=1e-11)
@@ -458,6 +558,7 @@ def test_vmap_axis_name_matches_autodiff():
         y, pullback = jax.vjp(apply, params, x)
         _, tangent = jax.jvp(lambda x: apply(params, x), (x,), (dy,))
         return (y, tangent) + pullback(dy)
+
       return jax.jit(jax.vmap(per_member, axis_name="v"))
 
     got = make(_closed(bn, state, None))(x, dy)
@@ -467,6 +568,7 @@ def test_vmap_axis_name_matches_autodiff():
 
 # ---------------------------------------------------------------------------------------------------
 # Forward values and what reverse mode keeps.
+
 
 def test_forward_is_bitwise_unchanged():
   x = jnp.asarray(_data((16, 8, 8, 32), mean=5.0), jnp.bfloat16)
@@ -499,7 +601,9 @@ def test_reverse_mode_keeps_only_x(name, dtype):
   full, leaves = _full_size_residuals(_closed(bn, state, mask), params, x)
   assert len(full) == 1, [(leaf.shape, leaf.dtype) for leaf in full]
   assert full[0].dtype == dtype  # x itself, not a float32 copy or x̂
-  np.testing.assert_array_equal(np.asarray(full[0], np.float32).reshape(shape), np.asarray(x, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(full[0], np.float32).reshape(shape), np.asarray(x, np.float32)
+  )
   small = sum(np.size(leaf) for leaf in leaves) - x.size
   assert small <= (x.size // shape[-1] if masked else 0) + 64 * shape[-1], small  # mask + vectors
   # Plain autodiff through the statistics keeps more: the test can tell the two apart.

@@ -22,6 +22,7 @@ A wrong convention moves them by far more: the smallest is Keras' momentum 0.99 
 the old-vs-new momentum error would move `running_mean` by ~1, an epsilon of 1e-5 instead of 1e-3 moves
 `y_train` by ~3e-4, and a biased instead of unbiased running variance moves PyTorch's by ~1e-3.
 """
+
 import os
 import pathlib
 import re
@@ -36,25 +37,32 @@ import normjax  # noqa: E402
 
 # Keras 3.15's variables implement __array__ without numpy 2's `copy` keyword (its own warning).
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+  "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "migration.md"
 FRAMEWORKS = ("linen", "nnx", "haiku", "equinox", "pytorch", "keras")
 KINDS = ("before", "after", "load", "export")
 RESULTS = ("y_train", "y_eval", "running_mean", "running_var")
 # The module each framework's "before" block needs.
-PEERS = {"linen": "flax.linen", "nnx": "flax.nnx", "haiku": "haiku", "equinox": "equinox",
-         "pytorch": "torch", "keras": "keras"}
+PEERS = {
+  "linen": "flax.linen",
+  "nnx": "flax.nnx",
+  "haiku": "haiku",
+  "equinox": "equinox",
+  "pytorch": "torch",
+  "keras": "keras",
+}
 # What the "after" block needs besides normjax (its face).
 FACES = {"linen": "flax.linen", "nnx": "flax.nnx", "equinox": "equinox"}
 # The peer's semantics (documented defaults and the options the blocks set) for the NumPy reference.
 SEMANTICS = {
-    "linen": dict(momentum=0.9, eps=1e-5),
-    "nnx": dict(momentum=0.9, eps=1e-5),
-    "haiku": dict(momentum=0.9, eps=1e-5, debias=True),
-    "equinox": dict(momentum=0.9, eps=1e-5, equinox_batch=True, channels_first=True),
-    "pytorch": dict(momentum=0.9, eps=1e-5, unbiased=True, channels_first=True),  # torch's 0.1 = new
-    "keras": dict(momentum=0.99, eps=1e-3),
+  "linen": dict(momentum=0.9, eps=1e-5),
+  "nnx": dict(momentum=0.9, eps=1e-5),
+  "haiku": dict(momentum=0.9, eps=1e-5, debias=True),
+  "equinox": dict(momentum=0.9, eps=1e-5, equinox_batch=True, channels_first=True),
+  "pytorch": dict(momentum=0.9, eps=1e-5, unbiased=True, channels_first=True),  # torch's 0.1 = new
+  "keras": dict(momentum=0.99, eps=1e-3),
 }
 RTOL = ATOL = 1e-5
 FENCE = re.compile(r"^```python (\w+)-(\w+)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
@@ -95,8 +103,17 @@ def results(namespace):
   return {name: np.asarray(namespace[name], np.float64) for name in RESULTS}
 
 
-def reference(steps, eval_x, *, momentum, eps, unbiased=False, debias=False, equinox_batch=False,
-              channels_first=False):
+def reference(
+  steps,
+  eval_x,
+  *,
+  momentum,
+  eps,
+  unbiased=False,
+  debias=False,
+  equinox_batch=False,
+  channels_first=False,
+):
   """float64 BatchNorm of channels-last batches, scale 1 and bias 0, running mean 0 / variance 1.
 
   Training normalizes with the biased batch variance (Ioffe & Szegedy 2015, Alg. 1); the running
@@ -125,7 +142,7 @@ def reference(steps, eval_x, *, momentum, eps, unbiased=False, debias=False, equ
       var = momentum * var + (1 - momentum) * target
   eval_mean, eval_var = mean, var
   if equinox_batch:
-    eval_mean, eval_var = mean / (1 - momentum**len(steps)), var / (1 - momentum**len(steps))
+    eval_mean, eval_var = mean / (1 - momentum ** len(steps)), var / (1 - momentum ** len(steps))
   y_eval = (np.asarray(eval_x, np.float64) - eval_mean) / np.sqrt(eval_var + eps)
   if channels_first:
     y_train, y_eval = (np.moveaxis(y, -1, 1) for y in (y_train, y_eval))
@@ -146,8 +163,9 @@ def import_peer(framework):
 
 def assert_close(actual, wanted, what):
   for name in wanted:
-    np.testing.assert_allclose(actual[name], wanted[name], rtol=RTOL, atol=ATOL,
-                               err_msg=f"{what}: {name}")
+    np.testing.assert_allclose(
+      actual[name], wanted[name], rtol=RTOL, atol=ATOL, err_msg=f"{what}: {name}"
+    )
 
 
 def test_every_framework_has_before_after_and_load_blocks():
@@ -188,7 +206,9 @@ def test_the_reference_tells_the_conventions_apart():
   x, x2 = batches()
   base = dict(momentum=0.99, eps=1e-3)
   keras = reference([x, x2], x, **base)
-  swapped = reference([x, x2], x, **{**base, "momentum": 0.01})  # momentum as the new value's weight
+  swapped = reference(
+    [x, x2], x, **{**base, "momentum": 0.01}
+  )  # momentum as the new value's weight
   assert np.abs(keras["running_mean"] - swapped["running_mean"]).max() > 0.5
   other_eps = reference([x, x2], x, **{**base, "eps": 1e-5})
   assert np.abs(keras["y_train"] - other_eps["y_train"]).max() > 100 * ATOL
@@ -205,10 +225,13 @@ def test_the_reference_tells_the_conventions_apart():
 def pytorch_state_dict_from_reference():
   """What `bn.state_dict()` holds after the before-pytorch block, from the NumPy reference."""
   ref = expected("pytorch")
-  return {"weight": np.ones(3, np.float32), "bias": np.zeros(3, np.float32),
-          "running_mean": ref["running_mean"].astype(np.float32),
-          "running_var": ref["running_var"].astype(np.float32),
-          "num_batches_tracked": np.asarray(2, np.int64)}
+  return {
+    "weight": np.ones(3, np.float32),
+    "bias": np.zeros(3, np.float32),
+    "running_mean": ref["running_mean"].astype(np.float32),
+    "running_var": ref["running_var"].astype(np.float32),
+    "num_batches_tracked": np.asarray(2, np.int64),
+  }
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -224,8 +247,9 @@ def test_load_block_reproduces_the_trained_peer(framework):
   if framework in FACES:
     pytest.importorskip(FACES[framework])
   loaded = run("load", framework, namespace)
-  np.testing.assert_allclose(np.asarray(loaded["y_eval_loaded"], np.float64), wanted, rtol=RTOL,
-                             atol=ATOL)
+  np.testing.assert_allclose(
+    np.asarray(loaded["y_eval_loaded"], np.float64), wanted, rtol=RTOL, atol=ATOL
+  )
 
 
 @pytest.mark.parametrize("framework", ["linen", "nnx"])
@@ -233,22 +257,31 @@ def test_export_block_reproduces_the_trained_normjax_layer(framework):
   import_peer(framework)
   namespace = run("after", framework)
   exported = run("export", framework, namespace)
-  np.testing.assert_allclose(np.asarray(exported["y_eval_loaded"], np.float64),
-                             np.asarray(namespace["y_eval"], np.float64), rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+    np.asarray(exported["y_eval_loaded"], np.float64),
+    np.asarray(namespace["y_eval"], np.float64),
+    rtol=RTOL,
+    atol=ATOL,
+  )
 
 
 def importlib_util_missing(name):
   import importlib.util  # pylint: disable=import-outside-toplevel
+
   return importlib.util.find_spec(name) is None
 
 
 # PyTorch's published numbers. torch.nn.BatchNorm1d(3) trained on x1 then x2 (printed in the notebook
 # "bn_train_eval.ipynb", git.blackhao.com/bilibili_vlogs_from_zch.git, learn_torch/tutorials): outputs
 # and running statistics after each step, 4 decimals.
-TORCH_1D_STEPS = [np.array([[2.0, 3.0, 1.0], [1.0, 3.0, 4.0]]),
-                  np.array([[0.0, 3.0, 0.0], [3.0, 2.0, 2.0]])]
-TORCH_1D_RUNNING = [([0.15, 0.30, 0.25], [0.95, 0.90, 1.35]),
-                    ([0.285, 0.52, 0.325], [1.305, 0.86, 1.415])]
+TORCH_1D_STEPS = [
+  np.array([[2.0, 3.0, 1.0], [1.0, 3.0, 4.0]]),
+  np.array([[0.0, 3.0, 0.0], [3.0, 2.0, 2.0]]),
+]
+TORCH_1D_RUNNING = [
+  ([0.15, 0.30, 0.25], [0.95, 0.90, 1.35]),
+  ([0.285, 0.52, 0.325], [1.305, 0.86, 1.415]),
+]
 TORCH_1D_OUTPUTS = [[[1.0, 0.0, -1.0], [-1.0, 0.0, 1.0]], [[-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]]]
 # torch.nn.BatchNorm2d(1) trained on (1, 1, 1, 2) then (1, 1, 1, 3) batches (geekdaxue.co, "bn层,
 # track机制实验"): running (mean, var) after each step.
@@ -259,8 +292,12 @@ PUBLISHED_ATOL = 5e-5  # printed with 4 decimals: ±5e-5
 
 def torch_mapping(momentum=0.1):
   """normjax's options for `torch.nn.BatchNorm*d(momentum=momentum)` (channels on axis 1)."""
-  return normjax.batch_norm(axis=1, momentum=None if momentum is None else 1 - momentum,
-                            epsilon=1e-5, unbiased_running_var=True)
+  return normjax.batch_norm(
+    axis=1,
+    momentum=None if momentum is None else 1 - momentum,
+    epsilon=1e-5,
+    unbiased_running_var=True,
+  )
 
 
 def run_core(bn, steps):
@@ -275,8 +312,10 @@ def run_core(bn, steps):
 
 
 def test_pytorch_published_numbers_batchnorm1d():
-  ref = [reference(TORCH_1D_STEPS[:t], TORCH_1D_STEPS[0], momentum=0.9, eps=1e-5, unbiased=True)
-         for t in (1, 2)]
+  ref = [
+    reference(TORCH_1D_STEPS[:t], TORCH_1D_STEPS[0], momentum=0.9, eps=1e-5, unbiased=True)
+    for t in (1, 2)
+  ]
   ours = run_core(torch_mapping(), TORCH_1D_STEPS)
   for t in range(2):
     mean, var = TORCH_1D_RUNNING[t]
@@ -331,24 +370,30 @@ def initial_statistics(framework):
   x, _ = batches()
   if framework == "linen":
     import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
     stats = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), x)["batch_stats"]
     return stats["mean"], stats["var"]
   if framework == "nnx":
     from flax import nnx  # pylint: disable=import-outside-toplevel
+
     layer = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     return layer.mean[...], layer.var[...]
   if framework == "haiku":  # init must see is_training=True: evaluation needs an existing average
     import haiku as hk  # pylint: disable=import-outside-toplevel
+
     model = hk.transform_with_state(
-        lambda b: hk.BatchNorm(True, True, decay_rate=0.9)(b, is_training=True))
+      lambda b: hk.BatchNorm(True, True, decay_rate=0.9)(b, is_training=True)
+    )
     _, state = model.init(jax.random.key(0), x)
     return state["batch_norm/~/mean_ema"]["average"], state["batch_norm/~/var_ema"]["average"]
   if framework == "equinox":
     import equinox as eqx  # pylint: disable=import-outside-toplevel
+
     model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
     return state.get(model.batch_state_index)
   if framework == "keras":
     import keras  # pylint: disable=import-outside-toplevel
+
     layer = keras.layers.BatchNormalization()
     layer.build(x.shape)
     return layer.moving_mean.numpy(), layer.moving_variance.numpy()
@@ -359,8 +404,13 @@ def initial_statistics(framework):
 # torch not installed; Haiku: the statistics of the batch given to `init`, its counter at 0).
 X_MEAN = batches()[0].astype(np.float64).mean((0, 1, 2))
 X_VAR = batches()[0].astype(np.float64).var((0, 1, 2))
-INITIAL = {"linen": (0.0, 1.0), "nnx": (0.0, 1.0), "haiku": (X_MEAN, X_VAR), "equinox": (0.0, 1.0),
-           "keras": (0.0, 1.0)}
+INITIAL = {
+  "linen": (0.0, 1.0),
+  "nnx": (0.0, 1.0),
+  "haiku": (X_MEAN, X_VAR),
+  "equinox": (0.0, 1.0),
+  "keras": (0.0, 1.0),
+}
 
 
 @pytest.mark.parametrize("framework", sorted(INITIAL))
@@ -383,15 +433,18 @@ def test_haiku_before_the_first_update():
   hk = pytest.importorskip("haiku")
   x, x2 = batches()
   model = hk.transform_with_state(
-      lambda b, training: hk.BatchNorm(True, True, decay_rate=0.9)(b, training))
+    lambda b, training: hk.BatchNorm(True, True, decay_rate=0.9)(b, training)
+  )
   params, hk_state = model.init(jax.random.key(0), x, True)
   bn = normjax.batch_norm(momentum=0.9, debias=True, stats_method="fast")
   nj_params, fresh = bn.init(x)
 
   def loaded(state):
-    return normjax.BatchNormState(state["batch_norm/~/mean_ema"]["average"].reshape(-1),
-                                  state["batch_norm/~/var_ema"]["average"].reshape(-1),
-                                  state["batch_norm/~/mean_ema"]["counter"])
+    return normjax.BatchNormState(
+      state["batch_norm/~/mean_ema"]["average"].reshape(-1),
+      state["batch_norm/~/var_ema"]["average"].reshape(-1),
+      state["batch_norm/~/mean_ema"]["counter"],
+    )
 
   y_hk, _ = model.apply(params, hk_state, None, x2, False)
   np.testing.assert_allclose(y_hk, (x2 - X_MEAN) / np.sqrt(X_VAR + 1e-5), rtol=RTOL, atol=ATOL)

@@ -1,4 +1,5 @@
 """normjax._src.modes: one resolver for the mode flags of every face, and the same TypeError everywhere."""
+
 import equinox as eqx
 from flax import nnx
 import jax
@@ -34,11 +35,12 @@ def test_every_face_refuses_a_non_bool_flag_with_the_same_type_error(value):
   nnx_layer = njn.BatchNorm(3, rngs=nnx.Rngs(0))
   eqx_layer, eqx_state = eqx.nn.make_with_state(nje.BatchNorm)(3, "batch")
   faces = {
-      "functional": lambda: bn.apply(params, state, x, training=value),
-      "linen": lambda: linen.apply(variables, x, training=value, mutable=["batch_stats"]),
-      "nnx": lambda: nnx_layer(x, training=value),
-      "equinox": lambda: jax.vmap(lambda e: eqx_layer(e, eqx_state, inference=value),
-                                  axis_name="batch")(x),
+    "functional": lambda: bn.apply(params, state, x, training=value),
+    "linen": lambda: linen.apply(variables, x, training=value, mutable=["batch_stats"]),
+    "nnx": lambda: nnx_layer(x, training=value),
+    "equinox": lambda: jax.vmap(
+      lambda e: eqx_layer(e, eqx_state, inference=value), axis_name="batch"
+    )(x),
   }
   for face, call in faces.items():
     with pytest.raises(TypeError) as raised:

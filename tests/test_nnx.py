@@ -1,5 +1,6 @@
 """The flax nnx face: flax.nnx.BatchNorm's variables and modes, option completeness, a ResNet trained
 side by side with flax.nnx.BatchNorm, and the nnx tools (recalibration, folding, state conversion)."""
+
 import dataclasses
 import inspect
 
@@ -36,13 +37,25 @@ def _flat(state):
 # ------------------------------------------------------------------------ options: one source of truth
 
 
-BN_EXTRAS = {"use_running_average", "use_fast_variance", "scale_init", "bias_init", "scale_metadata",
-             "bias_metadata", "rngs"}
+BN_EXTRAS = {
+  "use_running_average",
+  "use_fast_variance",
+  "scale_init",
+  "bias_init",
+  "scale_metadata",
+  "bias_metadata",
+  "rngs",
+}
 
 
-@pytest.mark.parametrize("cls, overrides", [(njn.BatchNorm, {}),
-                                            (njn.GhostBatchNorm, {"ghost_batch_size": 128}),
-                                            (njn.BatchRenorm, {"renorm": True})])
+@pytest.mark.parametrize(
+  "cls, overrides",
+  [
+    (njn.BatchNorm, {}),
+    (njn.GhostBatchNorm, {"ghost_batch_size": 128}),
+    (njn.BatchRenorm, {"renorm": True}),
+  ],
+)
 def test_every_batch_norm_option_is_an_explicit_argument(cls, overrides):
   params = inspect.signature(cls.__init__).parameters
   assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -56,17 +69,22 @@ def test_every_batch_norm_option_is_an_explicit_argument(cls, overrides):
 
 
 # fields a class decides itself (not arguments)
-FEATURE_FIXED = {njn.LayerNorm: {"kind", "num_groups", "group_size"},
-                 njn.RMSNorm: {"kind", "num_groups", "group_size", "use_bias"},
-                 njn.InstanceNorm: {"kind", "num_groups", "group_size"},
-                 njn.GroupNorm: {"kind"}}
+FEATURE_FIXED = {
+  njn.LayerNorm: {"kind", "num_groups", "group_size"},
+  njn.RMSNorm: {"kind", "num_groups", "group_size", "use_bias"},
+  njn.InstanceNorm: {"kind", "num_groups", "group_size"},
+  njn.GroupNorm: {"kind"},
+}
 
 
-@pytest.mark.parametrize("cls, config_cls, fixed", [
+@pytest.mark.parametrize(
+  "cls, config_cls, fixed",
+  [
     *[(cls, fn_lib.FeatureNormConfig, fixed) for cls, fixed in FEATURE_FIXED.items()],
     (njn.FrozenBatchNorm, fbn_lib.FrozenBatchNormConfig, set()),
     (njn.VirtualBatchNorm, vbn_lib.VirtualBatchNormConfig, set()),
-])
+  ],
+)
 def test_every_core_option_is_an_argument_of_the_nnx_layer(cls, config_cls, fixed):
   params = inspect.signature(cls.__init__).parameters
   assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -77,8 +95,13 @@ def test_every_core_option_is_an_argument_of_the_nnx_layer(cls, config_cls, fixe
 
 
 def test_an_option_added_to_the_core_fails_the_face_until_it_is_listed(monkeypatch):
-  extended = dataclasses.make_dataclass("BatchNormConfig", [("new_option", bool, False)],
-                                        bases=(bn_lib.BatchNormConfig,), frozen=True, kw_only=True)
+  extended = dataclasses.make_dataclass(
+    "BatchNormConfig",
+    [("new_option", bool, False)],
+    bases=(bn_lib.BatchNormConfig,),
+    frozen=True,
+    kw_only=True,
+  )
   monkeypatch.setattr(bn_lib, "BatchNormConfig", extended)
   with pytest.raises(TypeError, match="new_option"):
     njn.BatchNorm(3)
@@ -90,8 +113,12 @@ def test_every_linen_layer_has_an_nnx_counterpart():
 
 
 def test_configs_are_built_by_keyword_only():
-  for config_cls in (bn_lib.BatchNormConfig, fn_lib.FeatureNormConfig, fbn_lib.FrozenBatchNormConfig,
-                     vbn_lib.VirtualBatchNormConfig):
+  for config_cls in (
+    bn_lib.BatchNormConfig,
+    fn_lib.FeatureNormConfig,
+    fbn_lib.FrozenBatchNormConfig,
+    vbn_lib.VirtualBatchNormConfig,
+  ):
     with pytest.raises(TypeError):
       config_cls(-1)
 
@@ -105,9 +132,14 @@ def test_train_and_eval_follow_flax_nnx_batch_norm_call_by_call():
   theirs = nnx.BatchNorm(4, momentum=0.9, rngs=nnx.Rngs(0))
   # (mode method, call kwargs for ours, call args for flax's)
   ura = "use_running_average"
-  schedule = [("train", {}, {}), ("eval", {}, {}), ("eval", {ura: False}, {ura: False}),
-              ("eval", {"training": True}, {ura: False}), ("train", {"training": False}, {ura: True}),
-              ("train", {}, {})]
+  schedule = [
+    ("train", {}, {}),
+    ("eval", {}, {}),
+    ("eval", {ura: False}, {ura: False}),
+    ("eval", {"training": True}, {ura: False}),
+    ("train", {"training": False}, {ura: True}),
+    ("train", {}, {}),
+  ]
   for i, (mode, ours_kw, theirs_kw) in enumerate(schedule):
     getattr(ours, mode)()
     getattr(theirs, mode)()
@@ -154,10 +186,15 @@ def test_view_set_attributes_and_missing_mode():
 
 
 ALL_LAYERS = [
-    lambda: njn.BatchNorm(4), lambda: njn.GhostBatchNorm(4, ghost_batch_size=2),
-    lambda: njn.BatchRenorm(4), lambda: njn.FrozenBatchNorm(4),
-    lambda: njn.VirtualBatchNorm(4, reference=_data((8, 4))), lambda: njn.LayerNorm(4),
-    lambda: njn.GroupNorm(4, num_groups=2), lambda: njn.InstanceNorm(4), lambda: njn.RMSNorm(4),
+  lambda: njn.BatchNorm(4),
+  lambda: njn.GhostBatchNorm(4, ghost_batch_size=2),
+  lambda: njn.BatchRenorm(4),
+  lambda: njn.FrozenBatchNorm(4),
+  lambda: njn.VirtualBatchNorm(4, reference=_data((8, 4))),
+  lambda: njn.LayerNorm(4),
+  lambda: njn.GroupNorm(4, num_groups=2),
+  lambda: njn.InstanceNorm(4),
+  lambda: njn.RMSNorm(4),
 ]
 
 
@@ -239,7 +276,6 @@ def test_from_flax_state_asks_for_the_count_of_options_that_read_it():
 
 
 class _Block(nnx.Module):
-
   def __init__(self, channels, norm, rngs):
     self.conv1 = nnx.Conv(channels, channels, (3, 3), use_bias=False, rngs=rngs)
     self.bn1 = norm(channels, rngs)
@@ -252,7 +288,6 @@ class _Block(nnx.Module):
 
 
 class _ResNet(nnx.Module):
-
   def __init__(self, norm, rngs):
     self.stem = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
     self.bn = norm(8, rngs)
@@ -270,6 +305,7 @@ class _ResNet(nnx.Module):
 def _train_step(model, optimizer, x, labels):
   def loss_fn(model):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), labels).mean()
+
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   optimizer.update(model, grads)
   return loss
@@ -295,14 +331,17 @@ def test_resnet_trained_three_steps_equals_the_flax_nnx_one(options, tol):
   x = (10.0 + rng.normal(size=(4, 16, 8, 8, 3))).astype(np.float32)  # |mean| = 10 std
   labels = rng.integers(0, 10, size=(4, 16))
   theirs, loss_theirs, out_theirs = _train_three_steps(
-      lambda c, rngs: nnx.BatchNorm(c, momentum=0.9, rngs=rngs), x, labels)
+    lambda c, rngs: nnx.BatchNorm(c, momentum=0.9, rngs=rngs), x, labels
+  )
   ours, loss_ours, out_ours = _train_three_steps(
-      lambda c, rngs: njn.BatchNorm(c, momentum=0.9, rngs=rngs, **options), x, labels)
+    lambda c, rngs: njn.BatchNorm(c, momentum=0.9, rngs=rngs, **options), x, labels
+  )
   np.testing.assert_allclose(loss_ours, loss_theirs, rtol=tol)
   assert loss_theirs[2] != loss_theirs[0]  # the steps changed the model
   ours_state, theirs_state = _flat(nnx.state(ours)), _flat(nnx.state(theirs))
-  assert set(ours_state) == set(theirs_state) | {k.replace("mean", "count") for k in theirs_state
-                                                 if k.endswith("/mean")}
+  assert set(ours_state) == set(theirs_state) | {
+    k.replace("mean", "count") for k in theirs_state if k.endswith("/mean")
+  }
   # flax's E[x²]−E[x]² at |mean| = 10 std rounds with XLA's CPU sums: with jaxlib 0.8.1 flax's own bn1
   # bias moves by 6.45e-3 (relative) and its outputs by 9.7e-4, while ours there agrees with both
   # libraries on jaxlib 0.10.2 to 1e-8 (absolute, bias ~1e-3); compat.OLD_CPU_REDUCTIONS
@@ -321,16 +360,31 @@ def test_resnet_trained_three_steps_equals_the_flax_nnx_one(options, tol):
 # -------------------------------------------------------------------------------- the other layers
 
 
-@pytest.mark.parametrize("ours, theirs, shape", [
-    (lambda r: njn.LayerNorm(6, epsilon=1e-6, scale_init=nnx.initializers.normal(), rngs=r),
-     lambda r: nnx.LayerNorm(6, scale_init=nnx.initializers.normal(), rngs=r), (3, 6)),
-    (lambda r: njn.RMSNorm(6, epsilon=1e-6, scale_init=nnx.initializers.normal(), rngs=r),
-     lambda r: nnx.RMSNorm(6, scale_init=nnx.initializers.normal(), rngs=r), (3, 6)),
-    (lambda r: njn.GroupNorm(6, 3, epsilon=1e-6, bias_init=nnx.initializers.normal(), rngs=r),
-     lambda r: nnx.GroupNorm(6, 3, bias_init=nnx.initializers.normal(), rngs=r), (2, 4, 4, 6)),
-    (lambda r: njn.InstanceNorm(6, epsilon=1e-6, bias_init=nnx.initializers.normal(), rngs=r),
-     lambda r: nnx.InstanceNorm(6, bias_init=nnx.initializers.normal(), rngs=r), (2, 4, 4, 6)),
-])
+@pytest.mark.parametrize(
+  "ours, theirs, shape",
+  [
+    (
+      lambda r: njn.LayerNorm(6, epsilon=1e-6, scale_init=nnx.initializers.normal(), rngs=r),
+      lambda r: nnx.LayerNorm(6, scale_init=nnx.initializers.normal(), rngs=r),
+      (3, 6),
+    ),
+    (
+      lambda r: njn.RMSNorm(6, epsilon=1e-6, scale_init=nnx.initializers.normal(), rngs=r),
+      lambda r: nnx.RMSNorm(6, scale_init=nnx.initializers.normal(), rngs=r),
+      (3, 6),
+    ),
+    (
+      lambda r: njn.GroupNorm(6, 3, epsilon=1e-6, bias_init=nnx.initializers.normal(), rngs=r),
+      lambda r: nnx.GroupNorm(6, 3, bias_init=nnx.initializers.normal(), rngs=r),
+      (2, 4, 4, 6),
+    ),
+    (
+      lambda r: njn.InstanceNorm(6, epsilon=1e-6, bias_init=nnx.initializers.normal(), rngs=r),
+      lambda r: nnx.InstanceNorm(6, bias_init=nnx.initializers.normal(), rngs=r),
+      (2, 4, 4, 6),
+    ),
+  ],
+)
 def test_feature_norms_match_flax_nnx_with_flax_names_and_keys(ours, theirs, shape):
   x = _data(shape, mean=2.0, std=1.5)
   a, b = ours(nnx.Rngs(5)), theirs(nnx.Rngs(5))
@@ -377,7 +431,7 @@ def test_virtual_batch_norm_uses_the_reference_plus_each_example():
   layer.set_reference(reference)
   r = reference.astype(np.float64)
   for i in range(4):
-    union = np.concatenate([r, x[i:i + 1].astype(np.float64)])
+    union = np.concatenate([r, x[i : i + 1].astype(np.float64)])
     want = (x[i] - union.mean(0)) / np.sqrt(union.var(0) + EPS)
     np.testing.assert_allclose(layer(x)[i], want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(layer.count[...], [16.0] * 3)
@@ -418,8 +472,9 @@ def test_spectral_norm_linear_converges_in_training_and_freezes_in_eval():
   np.testing.assert_allclose(layer.sigma[...], sigma, rtol=1e-5)
   layer.eval()
   u = np.asarray(layer.u[...])
-  np.testing.assert_allclose(layer(x), x @ (np.asarray(layer.kernel[...]) / sigma) + 0.0,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    layer(x), x @ (np.asarray(layer.kernel[...]) / sigma) + 0.0, rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_array_equal(layer.u[...], u)
 
 
@@ -427,7 +482,6 @@ def test_spectral_norm_linear_converges_in_training_and_freezes_in_eval():
 
 
 class _MLP(nnx.Module):
-
   def __init__(self, rngs):
     self.fc1 = nnx.Linear(5, 6, rngs=rngs)
     self.bn1 = njn.BatchNorm(6)
@@ -466,17 +520,29 @@ def test_recalibration_errors():
   with pytest.raises(ValueError, match="batches is empty"):
     njn.recalibrate_batch_stats(_MLP(nnx.Rngs(0)), [])
   with pytest.raises(ValueError, match=r"\['bn1', 'bn2'\] reported no batch moments"):
-    njn.recalibrate_batch_stats(_MLP(nnx.Rngs(0)), [_data((8, 5))],
-                                forward=lambda m, b: nnx.view(m, use_running_average=True)(b))
+    njn.recalibrate_batch_stats(
+      _MLP(nnx.Rngs(0)),
+      [_data((8, 5))],
+      forward=lambda m, b: nnx.view(m, use_running_average=True)(b),
+    )
 
 
-@pytest.mark.parametrize("make_layer, make_bn, shape", [
-    (lambda: nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(0)),
-     lambda: njn.BatchNorm(4, rngs=nnx.Rngs(1)), (2, 6, 6, 3)),
+@pytest.mark.parametrize(
+  "make_layer, make_bn, shape",
+  [
+    (
+      lambda: nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(0)),
+      lambda: njn.BatchNorm(4, rngs=nnx.Rngs(1)),
+      (2, 6, 6, 3),
+    ),
     (lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0)), lambda: njn.FrozenBatchNorm(4), (5, 3)),
-    (lambda: nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
-     lambda: nnx.BatchNorm(4, rngs=nnx.Rngs(1)), (2, 6, 6, 3)),
-])
+    (
+      lambda: nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
+      lambda: nnx.BatchNorm(4, rngs=nnx.Rngs(1)),
+      (2, 6, 6, 3),
+    ),
+  ],
+)
 def test_fold_batch_norm_pair_equals_the_eval_mode_pair(make_layer, make_bn, shape):
   layer, bn = make_layer(), make_bn()
   rng = np.random.default_rng(0)
@@ -498,8 +564,9 @@ def test_fold_batch_norm_pair_errors():
   with pytest.raises(ValueError, match="axis=1"):
     njn.fold_batch_norm_pair(conv, njn.BatchNorm(4, axis=1))
   with pytest.raises(TypeError, match="WeightStandardizedConv"):
-    njn.fold_batch_norm_pair(njn.WeightStandardizedConv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
-                             njn.BatchNorm(4))
+    njn.fold_batch_norm_pair(
+      njn.WeightStandardizedConv(3, 4, (3, 3), rngs=nnx.Rngs(0)), njn.BatchNorm(4)
+    )
   with pytest.raises(TypeError, match="LayerNorm"):
     njn.fold_batch_norm_pair(conv, njn.LayerNorm(4))
   with pytest.raises(ValueError, match=r"shape \(5,\)"):
@@ -533,15 +600,21 @@ def _train_shard_map(norm, x, labels, lr=0.05):
   graphdef, params, rest = nnx.split(_ResNet(norm, nnx.Rngs(0)), nnx.Param, ...)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("batch",))
 
-  def local(params, rest, x, labels):  # replicated params: their gradients arrive summed over devices
+  def local(
+    params, rest, x, labels
+  ):  # replicated params: their gradients arrive summed over devices
     model = nnx.merge(graphdef, params, rest)
-    grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean() / 8)(
-        model)
+    grads = nnx.grad(
+      lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean() / 8
+    )(model)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), rest
 
-  step = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
-                               out_specs=(P(), P())))
+  step = jax.jit(
+    jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P())
+    )
+  )
   for i in range(3):
     params, rest = step(params, rest, x[i], labels[i])
   model = nnx.merge(graphdef, params, rest)
@@ -555,10 +628,13 @@ def test_resnet_synchronized_under_shard_map_equals_the_flax_nnx_one(options, to
   x = (10.0 + rng.normal(size=(4, 32, 8, 8, 3))).astype(np.float32)  # |mean| = 10 std
   labels = rng.integers(0, 10, size=(4, 32))
   theirs, out_theirs = _train_shard_map(
-      lambda c, rngs: nnx.BatchNorm(c, momentum=0.9, axis_name="batch", rngs=rngs), x, labels)
+    lambda c, rngs: nnx.BatchNorm(c, momentum=0.9, axis_name="batch", rngs=rngs), x, labels
+  )
   ours, out_ours = _train_shard_map(
-      lambda c, rngs: njn.BatchNorm(c, momentum=0.9, axis_name="batch", rngs=rngs, **options),
-      x, labels)
+    lambda c, rngs: njn.BatchNorm(c, momentum=0.9, axis_name="batch", rngs=rngs, **options),
+    x,
+    labels,
+  )
   ours_state, theirs_state = _flat(nnx.state(ours)), _flat(nnx.state(theirs))
   for k, v in theirs_state.items():
     assert _max_relative(ours_state[k], v) <= tol, (k, _max_relative(ours_state[k], v))

@@ -1,5 +1,6 @@
 """normjax._src.normalize: `(x - mean) * scale / sqrt(var + eps) + bias` against the float64 formula
 (Ioffe & Szegedy 2015, arXiv:1502.03167, Alg. 1, the normalize-scale-shift step)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,16 +36,25 @@ def test_public_name_is_the_kernel():
   assert normjax.normalize is normalize_lib.normalize
 
 
-@pytest.mark.parametrize("shape, feature_shape", [
-    ((16, 5), (5,)),             # dense: per-feature vectors broadcast from the right
+@pytest.mark.parametrize(
+  "shape, feature_shape",
+  [
+    ((16, 5), (5,)),  # dense: per-feature vectors broadcast from the right
     ((4, 3, 3, 6), (1, 1, 1, 6)),  # conv NHWC, keepdims statistics
     ((4, 6, 3, 3), (1, 6, 1, 1)),  # conv NCHW
-    ((4, 3, 5), (4, 1, 5)),      # per-example statistics (layer-norm style)
-])
+    ((4, 3, 5), (4, 1, 5)),  # per-example statistics (layer-norm style)
+  ],
+)
 def test_matches_the_float64_formula(shape, feature_shape):
   x, mean, var, scale, bias = _operands(shape, feature_shape)
-  y = normjax.normalize(jnp.asarray(x), jnp.asarray(mean), jnp.asarray(var), jnp.asarray(scale),
-                        jnp.asarray(bias), epsilon=EPS)
+  y = normjax.normalize(
+    jnp.asarray(x),
+    jnp.asarray(mean),
+    jnp.asarray(var),
+    jnp.asarray(scale),
+    jnp.asarray(bias),
+    epsilon=EPS,
+  )
   assert y.shape == shape and y.dtype == jnp.float32
   np.testing.assert_allclose(y, _reference(x, mean, var, scale, bias, EPS), rtol=2e-6, atol=2e-6)
 
@@ -53,17 +63,32 @@ def test_matches_the_float64_formula(shape, feature_shape):
 def test_scale_or_bias_none_means_one_or_zero(use_scale, use_bias):
   x, mean, var, scale, bias = _operands((8, 4), (4,))
   scale, bias = (scale if use_scale else None), (bias if use_bias else None)
-  y = normjax.normalize(jnp.asarray(x), mean, var, None if scale is None else jnp.asarray(scale),
-                        None if bias is None else jnp.asarray(bias), epsilon=EPS)
+  y = normjax.normalize(
+    jnp.asarray(x),
+    mean,
+    var,
+    None if scale is None else jnp.asarray(scale),
+    None if bias is None else jnp.asarray(bias),
+    epsilon=EPS,
+  )
   want = _reference(x, mean, var, scale, bias, EPS)
   np.testing.assert_allclose(y, want, rtol=2e-6, atol=2e-6)
-  if not use_scale and not use_bias:  # plain standardization: zero mean, unit variance when var is exact
+  if (
+    not use_scale and not use_bias
+  ):  # plain standardization: zero mean, unit variance when var is exact
     x64 = x.astype(np.float64)
-    z = normjax.normalize(jnp.asarray(x), jnp.asarray(x64.mean(0), jnp.float32),
-                          jnp.asarray(x64.var(0), jnp.float32), None, None, epsilon=EPS)
+    z = normjax.normalize(
+      jnp.asarray(x),
+      jnp.asarray(x64.mean(0), jnp.float32),
+      jnp.asarray(x64.var(0), jnp.float32),
+      None,
+      None,
+      epsilon=EPS,
+    )
     np.testing.assert_allclose(np.asarray(z, np.float64).mean(0), 0.0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(z, np.float64).var(0), x64.var(0) / (x64.var(0) + EPS),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(z, np.float64).var(0), x64.var(0) / (x64.var(0) + EPS), rtol=1e-5
+    )
 
 
 def test_epsilon_enters_under_the_square_root():
@@ -82,22 +107,38 @@ def test_half_precision_input_is_computed_in_float32(dtype):
   x = jnp.asarray(x32, dtype)
   xf = np.asarray(x.astype(jnp.float32), np.float64)
   mean, var = xf.mean(0), xf.var(0)
-  y = normjax.normalize(x, jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32), None, None,
-                        epsilon=EPS)
+  y = normjax.normalize(
+    x, jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32), None, None, epsilon=EPS
+  )
   assert y.dtype == dtype
   want = _reference(xf, mean, var, None, None, EPS)
   # only the final rounding to `dtype` remains: half a unit in the last place of |y| <= ~3
-  ulp = 2.0 ** -8 if dtype == jnp.bfloat16 else 2.0 ** -11
-  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - want), 2 * ulp * (np.abs(want) + 1))
-  y32 = normjax.normalize(x, jnp.asarray(mean, jnp.float32), jnp.asarray(var, jnp.float32), None, None,
-                          epsilon=EPS, dtype=jnp.float32)
+  ulp = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-11
+  np.testing.assert_array_less(
+    np.abs(np.asarray(y, np.float64) - want), 2 * ulp * (np.abs(want) + 1)
+  )
+  y32 = normjax.normalize(
+    x,
+    jnp.asarray(mean, jnp.float32),
+    jnp.asarray(var, jnp.float32),
+    None,
+    None,
+    epsilon=EPS,
+    dtype=jnp.float32,
+  )
   assert y32.dtype == jnp.float32
   np.testing.assert_allclose(y32, want, rtol=1e-4, atol=1e-4)
 
 
 def test_dtype_argument_sets_only_the_output_dtype():
   x, mean, var, scale, bias = _operands((8, 4), (4,))
-  args = (jnp.asarray(x), jnp.asarray(mean), jnp.asarray(var), jnp.asarray(scale), jnp.asarray(bias))
+  args = (
+    jnp.asarray(x),
+    jnp.asarray(mean),
+    jnp.asarray(var),
+    jnp.asarray(scale),
+    jnp.asarray(bias),
+  )
   y = normjax.normalize(*args, epsilon=EPS)
   y16 = normjax.normalize(*args, epsilon=EPS, dtype=jnp.bfloat16)
   assert y16.dtype == jnp.bfloat16
@@ -110,19 +151,27 @@ def test_half_precision_statistics_and_parameters_are_upcast():
   y = normjax.normalize(jnp.asarray(x), bf(mean), bf(var), bf(scale), bf(bias), epsilon=EPS)
   assert y.dtype == jnp.float32  # x's dtype, not the statistics'
   as64 = lambda a: np.asarray(bf(a).astype(jnp.float32), np.float64)
-  np.testing.assert_allclose(y, _reference(x, as64(mean), as64(var), as64(scale), as64(bias), EPS),
-                             rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(
+    y, _reference(x, as64(mean), as64(var), as64(scale), as64(bias), EPS), rtol=2e-6, atol=2e-6
+  )
 
 
 def test_float64_input_is_computed_and_returned_in_float64():
   x, mean, var, scale, bias = _operands((8, 4), (4,))
   x64 = x.astype(np.float64) + 1e-9  # a perturbation float32 cannot represent
   with jax.enable_x64(True):
-    y = normjax.normalize(jnp.asarray(x64), jnp.asarray(mean, jnp.float64),
-                          jnp.asarray(var, jnp.float64), jnp.asarray(scale, jnp.float64),
-                          jnp.asarray(bias, jnp.float64), epsilon=EPS)
+    y = normjax.normalize(
+      jnp.asarray(x64),
+      jnp.asarray(mean, jnp.float64),
+      jnp.asarray(var, jnp.float64),
+      jnp.asarray(scale, jnp.float64),
+      jnp.asarray(bias, jnp.float64),
+      epsilon=EPS,
+    )
     assert y.dtype == jnp.float64
-    np.testing.assert_allclose(y, _reference(x64, mean, var, scale, bias, EPS), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+      y, _reference(x64, mean, var, scale, bias, EPS), rtol=1e-13, atol=1e-13
+    )
 
 
 def test_jit_grad_and_vmap_agree_with_the_formula():

@@ -6,6 +6,7 @@ kernelspec is installed for the user), so the notebooks run against the environm
 
 To refresh the stored outputs after a change: `python tests/test_notebooks.py [notebooks/NAME.ipynb ...]`.
 """
+
 import pathlib
 import time
 
@@ -17,8 +18,13 @@ import pytest
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = ("01_batchnorm_from_scratch", "02_state_and_devices", "03_small_batches",
-            "04_weights_and_constraints", "05_training_to_deployment")
+EXPECTED = (
+  "01_batchnorm_from_scratch",
+  "02_state_and_devices",
+  "03_small_batches",
+  "04_weights_and_constraints",
+  "05_training_to_deployment",
+)
 CELL_TIMEOUT_S = 120  # each notebook is meant to run in well under a minute on a 2-core CPU
 
 
@@ -30,14 +36,23 @@ def test_all_notebooks_are_collected():
 def _client(notebook) -> nbclient.NotebookClient:
   """A client on this interpreter's own kernel, cwd notebooks/, failing on the first cell error."""
   # With no kernel directories, jupyter_client falls back to the native kernel of sys.executable.
-  kernel = KernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
-  return nbclient.NotebookClient(notebook, km=kernel, timeout=CELL_TIMEOUT_S, allow_errors=False,
-                                 resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+  kernel = KernelManager(
+    kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[])
+  )
+  return nbclient.NotebookClient(
+    notebook,
+    km=kernel,
+    timeout=CELL_TIMEOUT_S,
+    allow_errors=False,
+    resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+  )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path):
-  notebook = nbformat.read(path, as_version=4)  # an in-memory copy: the committed file is not touched
+  notebook = nbformat.read(
+    path, as_version=4
+  )  # an in-memory copy: the committed file is not touched
   client = _client(notebook)
   start = time.perf_counter()
   client.execute()  # raises CellExecutionError on the first failing cell
@@ -65,5 +80,6 @@ def execute_in_place(path: pathlib.Path) -> float:
 if __name__ == "__main__":
   # Refresh the committed outputs: python tests/test_notebooks.py [notebooks/NAME.ipynb ...]
   import sys
+
   for name in sys.argv[1:] or NOTEBOOKS:
     print(f"{name}: {execute_in_place(pathlib.Path(name)):.1f} s")

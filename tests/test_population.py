@@ -1,4 +1,5 @@
 """Precise-BN / AdaBN recalibration against float64 references computed on the same batches."""
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -26,6 +27,7 @@ def _random_variables(model, x, seed=1):
     if path[-1].key in ("scale", "var"):
       return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
     return jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype)
+
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -45,17 +47,19 @@ class Net(nn.Module):
   @nn.compact
   def __call__(self, x, *, training):
     x = nn.relu(njl.BatchNorm(momentum=0.9)(nn.Conv(4, (3, 3))(x), training=training))
-    x = nn.relu(njl.BatchNorm(momentum=0.9)(nn.Conv(3, (3, 3), use_bias=False)(x), training=training))
+    x = nn.relu(
+      njl.BatchNorm(momentum=0.9)(nn.Conv(3, (3, 3), use_bias=False)(x), training=training)
+    )
     x = nn.Dense(5)(x.mean((1, 2)))
     return njl.BatchNorm(momentum=0.9, use_scale=False)(x, training=training)
 
 
 def _batches(sizes, seed=0, shape=(4, 4, 2)):
   rng = np.random.default_rng(seed)
-  return [jnp.asarray(rng.standard_normal((n,) + shape) * (1 + k) + k, jnp.float32)
-          for k, n in enumerate(sizes)]
-
-
+  return [
+    jnp.asarray(rng.standard_normal((n,) + shape) * (1 + k) + k, jnp.float32)
+    for k, n in enumerate(sizes)
+  ]
 
 
 # ---- float64 references ---------------------------------------------------------------------------
@@ -67,7 +71,7 @@ def ref_conv_same(x, kernel, bias=None):
   kh, kw = kernel.shape[:2]
   xp = np.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
   h, w = x.shape[1:3]
-  out = sum(xp[:, i:i + h, j:j + w, :] @ kernel[i, j] for i in range(kh) for j in range(kw))
+  out = sum(xp[:, i : i + h, j : j + w, :] @ kernel[i, j] for i in range(kh) for j in range(kw))
   return out if bias is None else out + np.asarray(bias, np.float64)
 
 
@@ -122,8 +126,12 @@ def _net_reference(variables, batches):
 
 def _check_net(new, want, rtol=1e-4, atol=1e-5):
   for name, (mean, var) in want.items():
-    np.testing.assert_allclose(new["batch_stats"][name]["mean"], mean, rtol=rtol, atol=atol, err_msg=name)
-    np.testing.assert_allclose(new["batch_stats"][name]["var"], var, rtol=rtol, atol=atol, err_msg=name)
+    np.testing.assert_allclose(
+      new["batch_stats"][name]["mean"], mean, rtol=rtol, atol=atol, err_msg=name
+    )
+    np.testing.assert_allclose(
+      new["batch_stats"][name]["var"], var, rtol=rtol, atol=atol, err_msg=name
+    )
 
 
 def test_multi_layer_equals_layer_by_layer_float64_reference():
@@ -165,7 +173,9 @@ def test_adabn_recalibrates_on_a_new_domain():
   y = model.apply(adapted, jnp.concatenate(target), training=False)
   bn = variables["params"]["BatchNorm_0"]  # eval output on the target data: mean β, std |γ|
   np.testing.assert_allclose(np.asarray(y, np.float64).mean((0, 1, 2)), bn["bias"], atol=1e-4)
-  np.testing.assert_allclose(np.asarray(y, np.float64).std((0, 1, 2)), np.abs(bn["scale"]), rtol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float64).std((0, 1, 2)), np.abs(bn["scale"]), rtol=1e-3
+  )
 
 
 def test_bad_input_raises():
@@ -179,16 +189,21 @@ def test_bad_input_raises():
   dense = nn.Dense(3)
   dense_vars = {"params": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
   with pytest.raises(ValueError, match="no BatchNorm layer reported"):
-    normjax.linen.recalibrate_batch_stats(lambda v, b, training, mutable: dense.apply(v, b, mutable=mutable),
-                                    dense_vars, [x])
+    normjax.linen.recalibrate_batch_stats(
+      lambda v, b, training, mutable: dense.apply(v, b, mutable=mutable), dense_vars, [x]
+    )
 
 
-@hypothesis.given(sizes=st.lists(st.sampled_from([3, 8]), min_size=1, max_size=4), seed=st.integers(0, 99))
+@hypothesis.given(
+  sizes=st.lists(st.sampled_from([3, 8]), min_size=1, max_size=4), seed=st.integers(0, 99)
+)
 def test_property_merge_order_free_and_equal_to_concatenation(sizes, seed):
   """A bare BatchNorm (the identity before it): result = moments of the concatenated data."""
   rng = np.random.default_rng(seed)
-  batches = [jnp.asarray(rng.standard_normal((n, 3)) * 5 + 10 * rng.standard_normal(), jnp.float32)
-             for n in sizes]
+  batches = [
+    jnp.asarray(rng.standard_normal((n, 3)) * 5 + 10 * rng.standard_normal(), jnp.float32)
+    for n in sizes
+  ]
   variables = _random_variables(_APPLY_MODEL, batches[0])
   new = normjax.linen.recalibrate_batch_stats(_APPLY, variables, batches)
   mean, var = _population(batches)

@@ -57,8 +57,10 @@ def _setup(entry, dtype=jnp.float32, param_dtype=None):
 
 def _both_modes(driver):
   """`{"training": (y, state), "evaluation": (y, state)}`: both modes from one state and input."""
+
   def run(params, state, x):
     return {mode: driver.apply(params, state, x, training=t) for t, mode in MODES.items()}
+
   return run
 
 
@@ -74,6 +76,7 @@ def _staged(entry, fn):
     error, out = jitted(*args)
     error.throw()
     return out
+
   return run
 
 
@@ -97,8 +100,11 @@ def _staged_results(name):
   first, mapped = staged(params, state, x, xs)
   trained = first["training"][1]
   second, _ = staged(params, trained, x2, xs)  # retraces, and fails, if the state's types drifted
-  eager = {"first": both(params, state, x), "second": both(params, trained, x2),
-           "x2": both(params, state, x2)}
+  eager = {
+    "first": both(params, state, x),
+    "second": both(params, trained, x2),
+    "x2": both(params, state, x2),
+  }
   return dict(state=state, first=first, second=second, mapped=mapped, trained=trained, eager=eager)
 
 
@@ -152,11 +158,25 @@ def test_gradients_are_finite_and_equal_float64_finite_differences(name):
       _same_layout(grads[0], params)
     if entry.frozen_params:  # no gradient reaches the parameters by design: exactly zero
       chex.assert_trees_all_equal(grads[0], jax.tree.map(jnp.zeros_like, params))
-      check_grads(lambda x: outputs(params, x, entry.fd_modes), (x,), order=1, modes=("rev",),
-                  eps=FD_EPS, atol=FD_TOL, rtol=FD_TOL)
+      check_grads(
+        lambda x: outputs(params, x, entry.fd_modes),
+        (x,),
+        order=1,
+        modes=("rev",),
+        eps=FD_EPS,
+        atol=FD_TOL,
+        rtol=FD_TOL,
+      )
     elif entry.fd_modes:
-      check_grads(lambda p, x: outputs(p, x, entry.fd_modes), (params, x), order=1,
-                  modes=("rev",), eps=FD_EPS, atol=FD_TOL, rtol=FD_TOL)
+      check_grads(
+        lambda p, x: outputs(p, x, entry.fd_modes),
+        (params, x),
+        order=1,
+        modes=("rev",),
+        eps=FD_EPS,
+        atol=FD_TOL,
+        rtol=FD_TOL,
+      )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -195,8 +215,10 @@ def _leaf(leaf):
 def describe(tree, prefix):
   """`{path: "dtype[shape]"}` of a tree's leaves; nnx variables also name their type."""
   if isinstance(tree, nnx.State):
-    return {"/".join((prefix,) + tuple(map(str, path))): f"{type(v).__name__} {_leaf(v[...])}"
-            for path, v in nnx.to_flat_state(tree)}
+    return {
+      "/".join((prefix,) + tuple(map(str, path))): f"{type(v).__name__} {_leaf(v[...])}"
+      for path, v in nnx.to_flat_state(tree)
+    }
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join((prefix,) + tuple(_key_name(k) for k in path)): _leaf(v) for path, v in leaves}
 
@@ -206,21 +228,30 @@ def state_tree(entry, dtype):
   driver, x, params, state = _setup(entry, dtype)
   y_train, _ = driver.apply(params, state, x, training=True)
   y_eval, _ = driver.apply(params, state, x, training=False)
-  record = {"input": _leaf(x), "state type": type(state).__name__,
-            "output/training": _leaf(y_train), "output/evaluation": _leaf(y_eval)}
+  record = {
+    "input": _leaf(x),
+    "state type": type(state).__name__,
+    "output/training": _leaf(y_train),
+    "output/evaluation": _leaf(y_eval),
+  }
   return {**record, **describe(params, "params"), **describe(state, "state")}
 
 
 def current_trees(names=NAMES):
-  return {n: {str(jnp.dtype(d)): state_tree(registry.by_name(n), d)
-              for d in (jnp.float32, jnp.bfloat16)} for n in names}
+  return {
+    n: {str(jnp.dtype(d)): state_tree(registry.by_name(n), d) for d in (jnp.float32, jnp.bfloat16)}
+    for n in names
+  }
 
 
 def golden_diff(expected, actual, label):
   """A unified diff of two records (empty when equal)."""
   dump = lambda tree: json.dumps(tree, indent=1, sort_keys=True).splitlines()  # noqa: E731
-  return "\n".join(difflib.unified_diff(dump(expected), dump(actual), f"golden {label}",
-                                        f"current {label}", lineterm=""))
+  return "\n".join(
+    difflib.unified_diff(
+      dump(expected), dump(actual), f"golden {label}", f"current {label}", lineterm=""
+    )
+  )
 
 
 def _golden():
@@ -230,11 +261,15 @@ def _golden():
 @pytest.mark.parametrize("name", NAMES)
 def test_state_tree_matches_golden(name):
   expected = _golden().get(name)
-  assert expected is not None, (f"{name} has no golden state tree; run `python "
-                                "tests/test_registry.py --update-golden` and review the diff")
+  assert expected is not None, (
+    f"{name} has no golden state tree; run `python "
+    "tests/test_registry.py --update-golden` and review the diff"
+  )
   diff = golden_diff(expected, current_trees([name])[name], name)
-  assert not diff, (f"the state tree of {name} changed (a checkpoint format change?). If deliberate, "
-                    f"run `python tests/test_registry.py --update-golden`.\n{diff}")
+  assert not diff, (
+    f"the state tree of {name} changed (a checkpoint format change?). If deliberate, "
+    f"run `python tests/test_registry.py --update-golden`.\n{diff}"
+  )
 
 
 def test_golden_file_lists_exactly_the_registry():
@@ -270,15 +305,19 @@ def uncovered_public_names():
 
 def test_every_public_name_is_covered():
   missing, stale, both = uncovered_public_names()
-  assert missing == [], (f"public names with no registry entry: {missing}. Add an Entry to "
-                         "tests/registry.py (or, for a non-layer utility, an EXCLUDED reason)")
+  assert missing == [], (
+    f"public names with no registry entry: {missing}. Add an Entry to "
+    "tests/registry.py (or, for a non-layer utility, an EXCLUDED reason)"
+  )
   assert stale == [], f"EXCLUDED names that are not public any more: {stale}"
   assert both == [], f"names both covered and EXCLUDED: {both}"
   for entry in registry.entries():
     for name in entry.covers:
       assert name in registry.public_names(), f"{entry.name} covers {name}, which is not public"
     if set(entry.fd_modes) != {True, False}:
-      assert entry.fd_note, f"{entry.name} leaves a mode out of the finite differences without a note"
+      assert entry.fd_note, (
+        f"{entry.name} leaves a mode out of the finite differences without a note"
+      )
 
 
 def test_a_new_public_name_fails_the_coverage_test(monkeypatch):

@@ -1,5 +1,6 @@
 """Batch Renormalization's running statistics (Ioffe 2017, Algorithm 1): moving averages of μ and of
 σ = sqrt(σ²_B + ε), checked against the Keras layer itself and a float64 transcription of Keras' algorithm."""
+
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # Keras 3 reads it once, at its first import
@@ -18,13 +19,17 @@ EPS = 1e-3  # Keras' default epsilon
 
 def _batches(steps, shape, seed=0):
   rng = np.random.default_rng(seed)
-  return [(0.4 * t + (0.5 + 0.6 * t) * rng.standard_normal(shape)).astype(np.float32)
-          for t in range(steps)]
+  return [
+    (0.4 * t + (0.5 + 0.6 * t) * rng.standard_normal(shape)).astype(np.float32)
+    for t in range(steps)
+  ]
 
 
 def _gamma_beta(channels, seed=1):
   rng = np.random.default_rng(seed)
-  return rng.uniform(0.5, 1.5, channels).astype(np.float32), rng.normal(size=channels).astype(np.float32)
+  return rng.uniform(0.5, 1.5, channels).astype(np.float32), rng.normal(size=channels).astype(
+    np.float32
+  )
 
 
 def _normjax_steps(bn, params, state, batches, dy=None):
@@ -51,8 +56,12 @@ def test_matches_keras_renorm_layer_step_by_step():
   gamma, beta = _gamma_beta(shape[1])
 
   layer = keras.layers.BatchNormalization(
-      momentum=momentum, epsilon=EPS, renorm=True, renorm_momentum=momentum,
-      renorm_clipping={"rmin": 1.0 / r_max, "rmax": r_max, "dmax": d_max})
+    momentum=momentum,
+    epsilon=EPS,
+    renorm=True,
+    renorm_momentum=momentum,
+    renorm_clipping={"rmin": 1.0 / r_max, "rmax": r_max, "dmax": d_max},
+  )
   layer.build((None, shape[1]))
   layer.gamma.assign(gamma)
   layer.beta.assign(beta)
@@ -61,15 +70,20 @@ def test_matches_keras_renorm_layer_step_by_step():
   non_trainable = [v.value for v in layer.non_trainable_variables]
   keras_steps = []
   for x, dy in zip(batches, dys):
+
     def train(trainable, x, non_trainable=non_trainable):
       return layer.stateless_call(trainable, non_trainable, x, training=True)
+
     (y, new_non_trainable), pullback = jax.vjp(train, trainable, jnp.asarray(x))
-    (dgamma, dbeta), dx = pullback((jnp.asarray(dy), jax.tree_util.tree_map(jnp.zeros_like,
-                                                                            new_non_trainable)))
+    (dgamma, dbeta), dx = pullback(
+      (jnp.asarray(dy), jax.tree_util.tree_map(jnp.zeros_like, new_non_trainable))
+    )
     non_trainable = new_non_trainable
     variables = dict(zip(names, non_trainable))
     y_eval, _ = layer.stateless_call(trainable, non_trainable, x, training=False)
-    keras_steps.append(dict(y=y, y_inference=y_eval, dx=dx, dgamma=dgamma, dbeta=dbeta, **variables))
+    keras_steps.append(
+      dict(y=y, y_inference=y_eval, dx=dx, dgamma=dgamma, dbeta=dbeta, **variables)
+    )
 
   bn = normjax.batch_renorm(r_max=r_max, d_max=d_max, momentum=momentum, epsilon=EPS)
   params = {"scale": jnp.asarray(gamma), "bias": jnp.asarray(beta)}
@@ -87,7 +101,9 @@ def test_matches_keras_renorm_layer_step_by_step():
     np.testing.assert_allclose(o["grads"]["dgamma"], k["dgamma"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(o["grads"]["dbeta"], k["dbeta"], rtol=1e-5, atol=1e-5)
   # with renorm_momentum = momentum, Keras' renorm averages are its moving averages: one state suffices
-  np.testing.assert_allclose(keras_steps[-1]["renorm_stddev"], keras_steps[-1]["moving_stddev"], rtol=1e-6)
+  np.testing.assert_allclose(
+    keras_steps[-1]["renorm_stddev"], keras_steps[-1]["moving_stddev"], rtol=1e-6
+  )
   # the moving σ, not σ², is averaged: the EMA of σ² would be larger (Jensen) by a measurable margin
   var_ema = np.ones(shape[1]) - EPS
   for x in batches:
@@ -95,7 +111,9 @@ def test_matches_keras_renorm_layer_step_by_step():
   assert np.all(var_ema - np.asarray(ours[-1]["state"].var) > 1e-2)
 
 
-@pytest.mark.parametrize("momentum, r_max, d_max", [(0.9, 1.5, 0.5), (0.7, 3.0, 5.0), (0.99, 1.1, 0.1)])
+@pytest.mark.parametrize(
+  "momentum, r_max, d_max", [(0.9, 1.5, 0.5), (0.7, 3.0, 5.0), (0.99, 1.1, 0.1)]
+)
 def test_matches_keras_algorithm_float64_reference(momentum, r_max, d_max):
   steps, shape = 8, (12, 3)
   batches = _batches(steps, shape, seed=3)
@@ -105,9 +123,18 @@ def test_matches_keras_algorithm_float64_reference(momentum, r_max, d_max):
   _, state = bn.init(batches[0])
   ours = _normjax_steps(bn, params, state, batches)
   # normjax's default state (var 1) has σ = sqrt(1 + ε): Keras' algorithm started at that σ
-  want = ref.keras_renorm_steps(batches, gamma.astype(np.float64), beta.astype(np.float64),
-                                momentum=momentum, renorm_momentum=momentum, eps=EPS, rmin=1 / r_max,
-                                rmax=r_max, dmax=d_max, initial_variance=1.0 + EPS)
+  want = ref.keras_renorm_steps(
+    batches,
+    gamma.astype(np.float64),
+    beta.astype(np.float64),
+    momentum=momentum,
+    renorm_momentum=momentum,
+    eps=EPS,
+    rmin=1 / r_max,
+    rmax=r_max,
+    dmax=d_max,
+    initial_variance=1.0 + EPS,
+  )
   for o, w in zip(ours, want):
     np.testing.assert_allclose(o["y"], w["y"], rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(o["state"].mean, w["moving_mean"], rtol=1e-5, atol=1e-6)
@@ -121,13 +148,16 @@ def test_matches_keras_algorithm_float64_reference(momentum, r_max, d_max):
     assert (~clipped).all()
 
 
-@pytest.mark.parametrize("momentum, debias, unbiased", [(None, False, False), (0.8, True, False),
-                                                        (0.8, False, True), (None, False, True)])
+@pytest.mark.parametrize(
+  "momentum, debias, unbiased",
+  [(None, False, False), (0.8, True, False), (0.8, False, True), (None, False, True)],
+)
 def test_sigma_average_composes_with_debias_cumulative_and_unbiased(momentum, debias, unbiased):
   """`debias`, `momentum=None` and `unbiased_running_var` apply to σ exactly as they apply to σ²."""
   batches = _batches(5, (10, 3), seed=5)
-  bn = normjax.batch_renorm(momentum=momentum, debias=debias, unbiased_running_var=unbiased,
-                            epsilon=EPS)
+  bn = normjax.batch_renorm(
+    momentum=momentum, debias=debias, unbiased_running_var=unbiased, epsilon=EPS
+  )
   params, state = bn.init(batches[0])
   step = jax.jit(lambda s, x: bn.apply(params, s, x, training=True)[1])
   n = batches[0].shape[0]
@@ -139,7 +169,9 @@ def test_sigma_average_composes_with_debias_cumulative_and_unbiased(momentum, de
     sigmas.append(np.sqrt(x64.var(0) * (n / (n - 1) if unbiased else 1.0) + EPS))
     want_sigma = ref.running_statistics(sigmas, np.full(3, np.sqrt(1 + EPS)), momentum, debias)[-1]
     want_mean = ref.running_statistics(means, np.zeros(3), momentum, debias)[-1]
-    np.testing.assert_allclose(state.var, np.maximum(want_sigma**2 - EPS, 0.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+      state.var, np.maximum(want_sigma**2 - EPS, 0.0), rtol=1e-5, atol=1e-7
+    )
     np.testing.assert_allclose(state.mean, want_mean, rtol=1e-5, atol=1e-6)
   if momentum is None and not unbiased:  # the cumulative average of the five σ_B, by hand
     np.testing.assert_allclose(np.sqrt(state.var + EPS), np.mean(sigmas, axis=0), rtol=1e-5)
@@ -148,8 +180,15 @@ def test_sigma_average_composes_with_debias_cumulative_and_unbiased(momentum, de
 def test_ghost_batches_renormalize_per_group_and_average_sigma_of_mean_variance():
   x = _batches(1, (12, 2), seed=8)[0] * 2.0 + 1.0
   momentum, r_max, d_max = 0.6, 1.3, 0.4
-  bn = normjax.batch_renorm(r_max=r_max, d_max=d_max, momentum=momentum, epsilon=EPS,
-                            ghost_batch_size=4, use_scale=False, use_bias=False)
+  bn = normjax.batch_renorm(
+    r_max=r_max,
+    d_max=d_max,
+    momentum=momentum,
+    epsilon=EPS,
+    ghost_batch_size=4,
+    use_scale=False,
+    use_bias=False,
+  )
   params, state = bn.init(x)
   state = state._replace(mean=jnp.array([0.5, -0.5]), var=jnp.array([2.0, 0.5]))
   y, new_state = bn.apply(params, state, x, training=True)
@@ -160,26 +199,46 @@ def test_ghost_batches_renormalize_per_group_and_average_sigma_of_mean_variance(
     mean, var = xg.mean(0), xg.var(0)
     r = np.clip(np.sqrt(var + EPS) / sigma0, 1 / r_max, r_max)
     d = np.clip((mean - mu0) / sigma0, -d_max, d_max)
-    np.testing.assert_allclose(np.asarray(y)[rows], (xg - mean) / np.sqrt(var + EPS) * r + d,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(y)[rows], (xg - mean) / np.sqrt(var + EPS) * r + d, rtol=1e-5, atol=1e-5
+    )
     group_means.append(mean), group_vars.append(var)
   # the running targets are the groups' mean μ and sqrt(mean σ² + ε) (tf-keras' virtual batches)
   sigma = momentum * sigma0 + (1 - momentum) * np.sqrt(np.mean(group_vars, 0) + EPS)
   np.testing.assert_allclose(new_state.var, sigma**2 - EPS, rtol=1e-5)
-  np.testing.assert_allclose(new_state.mean, momentum * mu0 + (1 - momentum) * np.mean(group_means, 0),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    new_state.mean, momentum * mu0 + (1 - momentum) * np.mean(group_means, 0), rtol=1e-5
+  )
 
 
 def test_running_var_update_by_hand():
   # σ_old = sqrt(3 + 1) = 2, σ_B = sqrt(15 + 1) = 4; EMA 0.5 → σ = 3, var = 9 − 1 = 8
-  var = renorm_lib.running_var_update(jnp.array([3.0]), jnp.array([15.0]), jnp.array(0, jnp.int32),
-                                      momentum=0.5, debias=False, epsilon=1.0)
+  var = renorm_lib.running_var_update(
+    jnp.array([3.0]),
+    jnp.array([15.0]),
+    jnp.array(0, jnp.int32),
+    momentum=0.5,
+    debias=False,
+    epsilon=1.0,
+  )
   np.testing.assert_allclose(var, [8.0])
   # debiased from step 0: the hidden EMA starts at 0, so the first value is σ_B itself: 4² − 1
-  var = renorm_lib.running_var_update(jnp.array([3.0]), jnp.array([15.0]), jnp.array(0, jnp.int32),
-                                      momentum=0.5, debias=True, epsilon=1.0)
+  var = renorm_lib.running_var_update(
+    jnp.array([3.0]),
+    jnp.array([15.0]),
+    jnp.array(0, jnp.int32),
+    momentum=0.5,
+    debias=True,
+    epsilon=1.0,
+  )
   np.testing.assert_allclose(var, [15.0])
   # σ can only fall below sqrt(ε) by rounding: the stored variance is clipped at 0, never negative
-  var = renorm_lib.running_var_update(jnp.array([0.0]), jnp.array([0.0]), jnp.array(0, jnp.int32),
-                                      momentum=0.5, debias=False, epsilon=1e-3)
+  var = renorm_lib.running_var_update(
+    jnp.array([0.0]),
+    jnp.array([0.0]),
+    jnp.array(0, jnp.int32),
+    momentum=0.5,
+    debias=False,
+    epsilon=1e-3,
+  )
   assert float(var[0]) >= 0.0 and abs(float(var[0])) < 1e-9

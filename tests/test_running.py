@@ -1,5 +1,6 @@
 """Running statistics that one batch cannot poison: non-finite batches, features with no valid element,
 the step count, the opt-in `check_finite`, and the mask shapes every layer accepts."""
+
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # Keras 3 reads it once, at its first import
@@ -21,8 +22,9 @@ def _data(shape, seed=0, mean=1.0, std=2.0):  # this module's data default to N(
 
 
 def _state(channels):
-  return normjax.BatchNormState(jnp.linspace(-1.0, 1.0, channels), jnp.linspace(0.5, 2.0, channels),
-                                jnp.array(3, jnp.int32))
+  return normjax.BatchNormState(
+    jnp.linspace(-1.0, 1.0, channels), jnp.linspace(0.5, 2.0, channels), jnp.array(3, jnp.int32)
+  )
 
 
 def _step(bn, state, x, mask=None):
@@ -31,17 +33,28 @@ def _step(bn, state, x, mask=None):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"ghost_batch_size": 4},
-                                     {"momentum": None}, {"debias": True, "momentum": 0.9},
-                                     {"unbiased_running_var": True}])
+@pytest.mark.parametrize(
+  "options",
+  [
+    {},
+    {"renorm": True},
+    {"ghost_batch_size": 4},
+    {"momentum": None},
+    {"debias": True, "momentum": 0.9},
+    {"unbiased_running_var": True},
+  ],
+)
 def test_a_non_finite_element_leaves_its_features_running_statistics(bad, options):
   x = _data((8, 3))
   x[5, 1] = bad
   bn = normjax.batch_norm(**options)
   state = _state(3)
   y, new_state = jax.jit(lambda s, x: _step(bn, s, x))(state, x)
-  y, new_state, state = np.asarray(y), jax.tree_util.tree_map(np.asarray, new_state), \
-      jax.tree_util.tree_map(np.asarray, state)
+  y, new_state, state = (
+    np.asarray(y),
+    jax.tree_util.tree_map(np.asarray, new_state),
+    jax.tree_util.tree_map(np.asarray, state),
+  )
   # the poisoned feature keeps its previous running values exactly ...
   assert float(new_state.mean[1]) == float(state.mean[1])
   assert float(new_state.var[1]) == float(state.var[1])
@@ -77,10 +90,15 @@ def test_peers_running_statistics_stay_nan_after_one_nan_element():
   except ImportError:
     hk = None
   if hk is not None:
-    f = hk.transform_with_state(lambda x: hk.BatchNorm(True, True, decay_rate=0.9)(x, is_training=True))
+    f = hk.transform_with_state(
+      lambda x: hk.BatchNorm(True, True, decay_rate=0.9)(x, is_training=True)
+    )
     params, state = f.init(jax.random.key(0), x)
     _, state = f.apply(params, state, None, x)
-    results["haiku"] = state["batch_norm/~/mean_ema"]["average"], state["batch_norm/~/var_ema"]["average"]
+    results["haiku"] = (
+      state["batch_norm/~/mean_ema"]["average"],
+      state["batch_norm/~/var_ema"]["average"],
+    )
   try:
     import keras  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -120,12 +138,15 @@ def test_a_nan_in_one_feature_is_not_forever():
   assert np.isfinite(np.asarray(state.mean)).all() and np.isfinite(np.asarray(state.var)).all()
   # feature 0 moved twice from -1 (its value before the NaN batch), feature 1 three times from 1
   batch_means = [_data((8, 2), seed=s).astype(np.float64).mean(0) for s in (1, 2)]
-  np.testing.assert_allclose(state.mean[0], 0.25 * -1.0 + 0.25 * batch_means[0][0] + 0.5 * batch_means[1][0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    state.mean[0], 0.25 * -1.0 + 0.25 * batch_means[0][0] + 0.5 * batch_means[1][0], rtol=1e-5
+  )
   assert int(state.count) == 6
 
 
-@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"ghost_batch_size": 2}, {"momentum": None}])
+@pytest.mark.parametrize(
+  "options", [{}, {"renorm": True}, {"ghost_batch_size": 2}, {"momentum": None}]
+)
 def test_an_all_false_mask_changes_nothing(options):
   x = _data((6, 3))
   bn = normjax.batch_norm(**options)
@@ -145,10 +166,15 @@ def test_a_feature_with_no_valid_element_keeps_its_statistics_others_update():
   _, new_state = _step(bn, state, x, mask=jnp.asarray(mask))
   x64 = x.astype(np.float64)
   old_mean = np.asarray(state.mean[:2])
-  np.testing.assert_allclose(new_state.mean[:2], 0.75 * old_mean + 0.25 * x64[:, :2].mean(0), rtol=1e-5)
-  np.testing.assert_allclose(new_state.var[:2], 0.75 * np.asarray(state.var[:2]) + 0.25 * x64[:, :2].var(0),
-                             rtol=1e-5)
-  assert float(new_state.mean[2]) == float(state.mean[2]) and float(new_state.var[2]) == float(state.var[2])
+  np.testing.assert_allclose(
+    new_state.mean[:2], 0.75 * old_mean + 0.25 * x64[:, :2].mean(0), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    new_state.var[:2], 0.75 * np.asarray(state.var[:2]) + 0.25 * x64[:, :2].var(0), rtol=1e-5
+  )
+  assert float(new_state.mean[2]) == float(state.mean[2]) and float(new_state.var[2]) == float(
+    state.var[2]
+  )
   assert int(new_state.count) == 4
 
 
@@ -162,8 +188,14 @@ def test_a_non_finite_batch_on_one_device_is_skipped_on_every_device():
   bn = normjax.batch_norm(axis_name="batch", momentum=0.5)
   params, _ = bn.init(x[:2])
   state = _state(2)
-  fn = jax.jit(jax.shard_map(lambda x: bn.apply(params, state, x, training=True)[1], mesh=mesh,
-                             in_specs=P("batch"), out_specs=P()))
+  fn = jax.jit(
+    jax.shard_map(
+      lambda x: bn.apply(params, state, x, training=True)[1],
+      mesh=mesh,
+      in_specs=P("batch"),
+      out_specs=P(),
+    )
+  )
   new_state = fn(jnp.asarray(x))
   assert float(new_state.mean[0]) == float(state.mean[0])
   want = 0.5 * float(state.mean[1]) + 0.5 * x[:, 1].astype(np.float64).mean()
@@ -190,7 +222,9 @@ def test_check_finite_stops_a_checkified_step_and_names_the_features():
   mask = jnp.asarray(np.array([[True, False, True, True]]))
   masked = x.copy()
   masked[:, 1] = np.nan
-  masked_step = jax.jit(checkify.checkify(lambda s, x, m: bn.apply(params, s, x, training=True, mask=m)))
+  masked_step = jax.jit(
+    checkify.checkify(lambda s, x, m: bn.apply(params, s, x, training=True, mask=m))
+  )
   err, _ = masked_step(state, masked, mask)
   assert err.get() is None
   # evaluation never checks; without check_finite no check is staged (plain jit works)
@@ -206,14 +240,17 @@ def test_check_finite_must_be_a_bool():
 
 def test_select_finite():
   (mean, var), updated = running.select_finite(
-      (jnp.zeros(4), jnp.ones(4)), (jnp.array([1.0, jnp.nan, 2.0, 3.0]), jnp.array([4.0, 5.0, jnp.inf, 6.0])),
-      jnp.array([True, True, True, False]))
+    (jnp.zeros(4), jnp.ones(4)),
+    (jnp.array([1.0, jnp.nan, 2.0, 3.0]), jnp.array([4.0, 5.0, jnp.inf, 6.0])),
+    jnp.array([True, True, True, False]),
+  )
   np.testing.assert_array_equal(mean, [1.0, 0.0, 0.0, 0.0])
   np.testing.assert_array_equal(var, [4.0, 1.0, 1.0, 1.0])
   np.testing.assert_array_equal(updated, [True, False, False, False])
 
 
 # --- mask shapes: x's rank, or 1-D per example along axis 0; never right-aligned ---------------------
+
 
 def test_a_1d_mask_is_per_example_even_when_batch_equals_features():
   """(B,) on (B, C) with B == C used to mask features silently; it now masks examples."""
@@ -240,13 +277,22 @@ def test_a_1d_mask_on_a_4d_input_and_in_moments_and_feature_norms():
   np.testing.assert_allclose(np.asarray(y)[flags], np.asarray(y_all)[flags], rtol=1e-6)
 
 
-@pytest.mark.parametrize("mask_shape, match", [
-    ((3,), r"mask of shape \(3,\) does not broadcast to x of shape \(4, 3\): a 1-D mask is one flag per "
-           r"example along axis 0 and needs shape \(4,\)"),
+@pytest.mark.parametrize(
+  "mask_shape, match",
+  [
+    (
+      (3,),
+      r"mask of shape \(3,\) does not broadcast to x of shape \(4, 3\): a 1-D mask is one flag per "
+      r"example along axis 0 and needs shape \(4,\)",
+    ),
     ((2, 3), r"mask of shape \(2, 3\) does not broadcast to x of shape \(4, 3\): each dimension"),
-    ((4, 1, 3), r"mask of shape \(4, 1, 3\) does not broadcast to x of shape \(4, 3\): a mask needs x's "
-                r"rank 2"),
-])
+    (
+      (4, 1, 3),
+      r"mask of shape \(4, 1, 3\) does not broadcast to x of shape \(4, 3\): a mask needs x's "
+      r"rank 2",
+    ),
+  ],
+)
 def test_a_mask_of_another_shape_raises_naming_both(mask_shape, match):
   bn = normjax.batch_norm()
   x = jnp.ones((4, 3))

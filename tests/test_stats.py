@@ -1,4 +1,5 @@
 """Tests of `normjax.moments`, the one statistics kernel, against float64 NumPy."""
+
 import hypothesis
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
@@ -121,10 +122,10 @@ def test_merge_moments_equals_statistics_of_the_union():
 
 @hypothesis.settings(max_examples=15)
 @hypothesis.given(
-    data=st.data(),
-    shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6),
-    method=st.sampled_from(METHODS),
-    offset=st.sampled_from([0.0, 10.0, -300.0]),
+  data=st.data(),
+  shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=6),
+  method=st.sampled_from(METHODS),
+  offset=st.sampled_from([0.0, 10.0, -300.0]),
 )
 def test_property_matches_float64_reference(data, shape, method, offset):
   ndim = len(shape)
@@ -143,7 +144,9 @@ def test_property_matches_float64_reference(data, shape, method, offset):
   np.testing.assert_allclose(jitted[1], var, rtol=1e-4, atol=atol)
 
 
-@pytest.mark.parametrize("bad, error, match", [
+@pytest.mark.parametrize(
+  "bad, error, match",
+  [
     (dict(x=jnp.arange(6).reshape(2, 3)), TypeError, "floating-point"),
     (dict(x=jnp.ones((2, 3), bool)), TypeError, "floating-point"),
     (dict(axes=3), ValueError, r"axes=3 is out of range .* rank 2"),
@@ -152,7 +155,8 @@ def test_property_matches_float64_reference(data, shape, method, offset):
     (dict(mask=jnp.ones((3, 3), bool)), ValueError, r"mask of shape \(3, 3\) does not broadcast"),
     (dict(mask=jnp.ones((2, 3))), TypeError, "mask has dtype float32"),
     (dict(axis_index_groups=[[0], [1]]), ValueError, "needs axis_name"),
-])
+  ],
+)
 def test_bad_input_raises(bad, error, match):
   kwargs = dict(x=jnp.ones((2, 3)), axes=0)
   kwargs.update(bad)

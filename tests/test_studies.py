@@ -72,7 +72,9 @@ def test_activation_probe_and_precise_rows(data_cache, studies_workdir):  # noqa
 
 
 def test_steps_to_target(tmp_path):
-  (tmp_path / "eval.csv").write_text("step,eval_loss,eval_accuracy\n10,1.0,0.5\n20,0.5,0.96\n30,0.4,0.97\n")
+  (tmp_path / "eval.csv").write_text(
+    "step,eval_loss,eval_accuracy\n10,1.0,0.5\n20,0.5,0.96\n30,0.4,0.97\n"
+  )
   r = common.RunResult("run", 0, str(tmp_path), {})
   assert learning_rate.steps_to_target(r, 0.95) == 20
   assert learning_rate.steps_to_target(r, 0.99) == np.inf
@@ -88,10 +90,19 @@ def test_per_replica_batch_norm_equals_ghost_batch_norm():
   y_ghost, _ = ghost.apply(params, state, x, training=True)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
   spec = jax.sharding.PartitionSpec("batch")
-  f = jax.shard_map(lambda x: per_device.apply(params, state, x, training=True)[0], mesh=mesh, in_specs=spec,
-                    out_specs=spec)
+  f = jax.shard_map(
+    lambda x: per_device.apply(params, state, x, training=True)[0],
+    mesh=mesh,
+    in_specs=spec,
+    out_specs=spec,
+  )
   np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), np.asarray(y_ghost), rtol=1e-5, atol=1e-5)
-  assert np.abs(np.asarray(y_ghost) - np.asarray(per_device.apply(params, state, x, training=True)[0])).max() > 0.1
+  assert (
+    np.abs(
+      np.asarray(y_ghost) - np.asarray(per_device.apply(params, state, x, training=True)[0])
+    ).max()
+    > 0.1
+  )
 
 
 def test_unknown_study_and_scale():

@@ -1,4 +1,5 @@
 """normjax._src.transform: the `Transform(init, apply)` protocol, `EmptyState`, and the `training` flag."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,9 @@ def test_empty_state_is_an_empty_pytree():
   assert isinstance(layer_state, transform.EmptyState)
 
 
-@pytest.mark.parametrize("value, want", [(True, True), (False, False), (np.bool_(True), True),
-                                         (np.array(False), False)])
+@pytest.mark.parametrize(
+  "value, want", [(True, True), (False, False), (np.bool_(True), True), (np.array(False), False)]
+)
 def test_check_training_flag_accepts_bools(value, want):
   assert transform.check_training_flag(value) is want
 
@@ -35,12 +37,23 @@ def test_check_training_flag_refuses_none_with_both_choices_named():
     transform.check_training_flag(None)
 
 
-@pytest.mark.parametrize("value, kind", [
-    ("no", "str"), (1, "int"), (0.0, "float"), (jnp.bool_(True), "ArrayImpl"), (np.array([True]), "ndarray")],
-    ids=repr)
+@pytest.mark.parametrize(
+  "value, kind",
+  [
+    ("no", "str"),
+    (1, "int"),
+    (0.0, "float"),
+    (jnp.bool_(True), "ArrayImpl"),
+    (np.array([True]), "ndarray"),
+  ],
+  ids=repr,
+)
 def test_check_training_flag_refuses_non_bools(value, kind):
-  with pytest.raises(TypeError, match=rf"training=.* must be a Python or NumPy bool .*got a {kind}\. Pass "
-                                      "training=True or training=False"):
+  with pytest.raises(
+    TypeError,
+    match=rf"training=.* must be a Python or NumPy bool .*got a {kind}\. Pass "
+    "training=True or training=False",
+  ):
     transform.check_training_flag(value)
 
 

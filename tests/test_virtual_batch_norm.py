@@ -1,5 +1,6 @@
 """normjax._src.virtual_batch_norm: reference-batch virtual BN (Salimans et al. 2016, arXiv:1606.03498,
 §3.4) against float64 statistics of the union reference ∪ {example}, with masks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,10 @@ EPS = 1e-5
 
 def _params(channels, seed=3):
   rng = np.random.default_rng(seed)
-  return {"scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
-          "bias": jnp.asarray(rng.normal(size=channels), jnp.float32)}
+  return {
+    "scale": jnp.asarray(rng.uniform(0.5, 1.5, channels), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=channels), jnp.float32),
+  }
 
 
 def _union_reference(reference, example, scale, bias, *, reference_mask=None, example_mask=None):
@@ -27,8 +30,11 @@ def _union_reference(reference, example, scale, bias, *, reference_mask=None, ex
   ex_rows = np.asarray(example, np.float64).reshape(-1, c)
   if reference_mask is not None:
     ref_rows = ref_rows[np.broadcast_to(reference_mask, reference.shape).reshape(-1, c)[:, 0]]
-  keep = ex_rows if example_mask is None else ex_rows[
-      np.broadcast_to(example_mask, example.shape).reshape(-1, c)[:, 0]]
+  keep = (
+    ex_rows
+    if example_mask is None
+    else ex_rows[np.broadcast_to(example_mask, example.shape).reshape(-1, c)[:, 0]]
+  )
   pooled = np.concatenate([ref_rows, keep])
   mean, var = pooled.mean(0), pooled.var(0)
   y = (np.asarray(example, np.float64) - mean) / np.sqrt(var + EPS)
@@ -59,13 +65,20 @@ def test_each_example_uses_the_union_of_reference_and_example():
   y_eval, _ = vbn.apply(params, state, x, training=False)
   np.testing.assert_allclose(y, y_eval)  # training and evaluation compute the same thing
   for i in range(5):  # each example normalized with the statistics of reference ∪ {example}
-    pooled = np.concatenate([reference, x[i:i + 1]]).astype(np.float64)
-    want, _, _ = ref.batch_norm_train(pooled, (0, 1, 2), np.asarray(params["scale"], np.float64),
-                                      np.asarray(params["bias"], np.float64), EPS)
+    pooled = np.concatenate([reference, x[i : i + 1]]).astype(np.float64)
+    want, _, _ = ref.batch_norm_train(
+      pooled,
+      (0, 1, 2),
+      np.asarray(params["scale"], np.float64),
+      np.asarray(params["bias"], np.float64),
+      EPS,
+    )
     np.testing.assert_allclose(y[i], want[-1], rtol=1e-4, atol=1e-5)
   # an example's output does not depend on the rest of its batch
   np.testing.assert_allclose(vbn.apply(params, state, x[:1], training=True)[0], y[:1], rtol=1e-6)
-  np.testing.assert_allclose(vbn.apply(params, state, x[::-1], training=True)[0], y[::-1], rtol=1e-6)
+  np.testing.assert_allclose(
+    vbn.apply(params, state, x[::-1], training=True)[0], y[::-1], rtol=1e-6
+  )
 
 
 def test_dense_layer_weights_the_example_one_over_b_plus_one():
@@ -73,7 +86,9 @@ def test_dense_layer_weights_the_example_one_over_b_plus_one():
   plus the example, i.e. weights B/(B+1) for the reference and 1/(B+1) for the example."""
   b = 16
   reference = helpers.normal_data((b, 4), mean=-1.0, std=0.5, seed=2)
-  x = helpers.normal_data((3, 4), mean=4.0, std=3.0, seed=3)  # far from the reference: the term matters
+  x = helpers.normal_data(
+    (3, 4), mean=4.0, std=3.0, seed=3
+  )  # far from the reference: the term matters
   vbn = normjax.virtual_batch_norm()
   _, state = vbn.init(reference)
   params = _params(4, seed=5)
@@ -82,12 +97,16 @@ def test_dense_layer_weights_the_example_one_over_b_plus_one():
   for i in range(3):
     xi = x[i].astype(np.float64)
     mean = b / (b + 1) * r64.mean(0) + xi / (b + 1)
-    var = (b / (b + 1) * (r64 ** 2).mean(0) + xi ** 2 / (b + 1)) - mean ** 2
-    want = (xi - mean) / np.sqrt(var + EPS) * np.asarray(params["scale"]) + np.asarray(params["bias"])
+    var = (b / (b + 1) * (r64**2).mean(0) + xi**2 / (b + 1)) - mean**2
+    want = (xi - mean) / np.sqrt(var + EPS) * np.asarray(params["scale"]) + np.asarray(
+      params["bias"]
+    )
     np.testing.assert_allclose(y[i], want, rtol=1e-5, atol=1e-5)
     # and plain BN with the reference statistics alone would differ clearly
     alone = (xi - r64.mean(0)) / np.sqrt(r64.var(0) + EPS)
-    assert np.abs(alone * np.asarray(params["scale"]) + np.asarray(params["bias"]) - want).max() > 0.5
+    assert (
+      np.abs(alone * np.asarray(params["scale"]) + np.asarray(params["bias"]) - want).max() > 0.5
+    )
 
 
 def test_a_reference_mask_drops_rows_from_the_reference_statistics():
@@ -114,8 +133,9 @@ def test_an_apply_mask_drops_elements_from_the_example_statistics():
   y, _ = vbn.apply(params, state, x, training=True, mask=jnp.asarray(mask))
   y_full, _ = vbn.apply(params, state, x, training=True)
   for i in range(4):
-    want, _, _ = _union_reference(reference, x[i:i + 1], params["scale"], params["bias"],
-                                  example_mask=mask[i:i + 1])
+    want, _, _ = _union_reference(
+      reference, x[i : i + 1], params["scale"], params["bias"], example_mask=mask[i : i + 1]
+    )
     np.testing.assert_allclose(y[i], want[0], rtol=1e-4, atol=1e-5)  # masked elements still output
   assert np.abs(np.asarray(y) - np.asarray(y_full)).max() > 1e-3  # the mask changed the statistics
 
@@ -129,8 +149,9 @@ def test_a_fully_masked_example_uses_the_reference_statistics_alone():
   mask = np.array([False, True])
   y, _ = vbn.apply(params, state, x, training=True, mask=jnp.asarray(mask))
   r64 = reference.astype(np.float64)
-  want = ((x[0] - r64.mean((0, 1))) / np.sqrt(r64.var((0, 1)) + EPS) * np.asarray(params["scale"])
-          + np.asarray(params["bias"]))
+  want = (x[0] - r64.mean((0, 1))) / np.sqrt(r64.var((0, 1)) + EPS) * np.asarray(
+    params["scale"]
+  ) + np.asarray(params["bias"])
   np.testing.assert_allclose(y[0], want, rtol=1e-5, atol=1e-5)
   assert np.isfinite(np.asarray(y)).all()
 
@@ -144,8 +165,12 @@ def test_half_precision_input_keeps_float32_state_and_its_dtype():
   y, _ = vbn.apply(params, state, x, training=True)
   assert y.dtype == jnp.bfloat16
   for i in range(3):
-    want, _, _ = _union_reference(np.asarray(reference.astype(jnp.float32)),
-                                  np.asarray(x[i:i + 1].astype(jnp.float32)), 1.0, 0.0)
+    want, _, _ = _union_reference(
+      np.asarray(reference.astype(jnp.float32)),
+      np.asarray(x[i : i + 1].astype(jnp.float32)),
+      1.0,
+      0.0,
+    )
     np.testing.assert_allclose(np.asarray(y[i], np.float32), want[0], atol=0.03)
   y32, _ = normjax.virtual_batch_norm(dtype=jnp.float32).apply(params, state, x, training=True)
   assert y32.dtype == jnp.float32
@@ -160,14 +185,19 @@ def test_feature_axes_other_than_last():
   y, _ = vbn.apply(params, state, x, training=True)
   moved_ref, moved_x = np.moveaxis(reference, 1, -1), np.moveaxis(x, 1, -1)
   for i in range(2):
-    want, _, _ = _union_reference(moved_ref, moved_x[i:i + 1], 1.0, 0.0)
-    np.testing.assert_allclose(np.moveaxis(np.asarray(y[i:i + 1]), 1, -1), want, rtol=1e-4, atol=1e-5)
+    want, _, _ = _union_reference(moved_ref, moved_x[i : i + 1], 1.0, 0.0)
+    np.testing.assert_allclose(
+      np.moveaxis(np.asarray(y[i : i + 1]), 1, -1), want, rtol=1e-4, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("options, error, match", [
+@pytest.mark.parametrize(
+  "options, error, match",
+  [
     (dict(epsilon=0.0), ValueError, r"epsilon=0.0 must be a positive number"),
     (dict(stats_method="naive"), ValueError, r"stats_method='naive' must be one of"),
-])
+  ],
+)
 def test_bad_options_raise_at_construction(options, error, match):
   with pytest.raises(error, match=match):
     normjax.virtual_batch_norm(**options)
@@ -178,9 +208,13 @@ def test_bad_options_raise_at_construction(options, error, match):
 def test_state_that_does_not_match_x_raises():
   vbn = normjax.virtual_batch_norm()
   params, state = vbn.init(jnp.ones((4, 3)) + jnp.arange(3.0))
-  with pytest.raises(ValueError, match=r"scale has shape \(3,\) and dtype float32; expected shape \(5,\)"):
+  with pytest.raises(
+    ValueError, match=r"scale has shape \(3,\) and dtype float32; expected shape \(5,\)"
+  ):
     vbn.apply(params, state, jnp.ones((2, 5)), training=True)
-  with pytest.raises(ValueError, match=r"mean has shape \(3,\) and dtype float32; expected shape \(5,\)"):
+  with pytest.raises(
+    ValueError, match=r"mean has shape \(3,\) and dtype float32; expected shape \(5,\)"
+  ):
     vbn.apply(_params(5), state, jnp.ones((2, 5)), training=True)
   with pytest.raises(TypeError, match="training=None"):
     vbn.apply(params, state, jnp.ones((2, 3)), training=None)

@@ -1,4 +1,5 @@
 """Weight norm, weight standardization and spectral norm against float64 references from the papers."""
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -25,7 +26,9 @@ def _fan_in(shape):
 
 def ref_weight_norm(v, g, eps=1e-12):
   v = np.asarray(v, np.float64)
-  return np.asarray(g, np.float64) * v / np.sqrt((v**2).sum(axis=_fan_in(v.shape), keepdims=True) + eps)
+  return (
+    np.asarray(g, np.float64) * v / np.sqrt((v**2).sum(axis=_fan_in(v.shape), keepdims=True) + eps)
+  )
 
 
 def ref_weight_norm_grads(v, g, dw):
@@ -98,7 +101,9 @@ def test_weight_standardization_matches_reference_and_grads():
   axes = _fan_in(w.shape)
   what = ref_weight_standardization(w)
   sigma = np.sqrt(w64.var(axis=axes, keepdims=True) + 1e-5)
-  want = (dw64 - dw64.mean(axes, keepdims=True) - what * (dw64 * what).mean(axes, keepdims=True)) / sigma
+  want = (
+    dw64 - dw64.mean(axes, keepdims=True) - what * (dw64 * what).mean(axes, keepdims=True)
+  ) / sigma
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
   check_grads(f, (params,), order=1, modes=("rev",), atol=5e-2, rtol=5e-2)
 

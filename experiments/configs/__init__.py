@@ -37,8 +37,9 @@ def parse_variants(variant: str, allowed: AbstractSet[str]) -> FrozenSet[str]:
   unknown = names - set(allowed)
   if unknown:
     raise ValueError(
-        f"variant={variant!r} names unknown variant(s) {sorted(unknown)}; the allowed variants are "
-        f"{sorted(allowed)} (comma-separated), or \"\" for the full run")
+      f"variant={variant!r} names unknown variant(s) {sorted(unknown)}; the allowed variants are "
+      f"{sorted(allowed)} (comma-separated), or \"\" for the full run"
+    )
   return names
 
 

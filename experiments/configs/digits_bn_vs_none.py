@@ -19,10 +19,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.learning_rate = 0.02
   c.log_every = 15
   c.eval_every = 135  # every 3 epochs (1,437 // 32 = 44 steps per epoch)
-  c.compare = ml_collections.ConfigDict({
+  c.compare = ml_collections.ConfigDict(
+    {
       "batch_norm": {"norm": "batch_norm"},
       "no_norm": {"norm": "none"},
-  })
+    }
+  )
   if "small" in parse_variants(variant, {"small"}):
     apply_small(c, num_epochs=1)  # checkpoint_every is already 0 (final checkpoint only)
   return c

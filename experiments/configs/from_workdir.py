@@ -33,8 +33,10 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
 def get_config(workdir: str = "") -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not workdir or not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: missing; expected the config.json of a work directory, named as "
-                            "--config experiments/configs/from_workdir.py:<workdir>")
+    raise FileNotFoundError(
+      f"{path}: missing; expected the config.json of a work directory, named as "
+      "--config experiments/configs/from_workdir.py:<workdir>"
+    )
   with open(path) as f:
     saved = json.load(f)
   config = default.get_config()

@@ -6,8 +6,16 @@ runs one. See `common.py` for the scales and how runs are shared between studies
 
 import importlib
 
-STUDIES = ("bn_cifar_cnn", "mnist_cnn", "bn_position", "learning_rate", "small_batch", "ghost_large_batch",
-           "precise_bn", "covariate_shift")
+STUDIES = (
+  "bn_cifar_cnn",
+  "mnist_cnn",
+  "bn_position",
+  "learning_rate",
+  "small_batch",
+  "ghost_large_batch",
+  "precise_bn",
+  "covariate_shift",
+)
 
 
 def get_study(name: str, scale: str = "cpu"):

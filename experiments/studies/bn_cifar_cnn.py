@@ -16,8 +16,10 @@ from experiments.studies import plots
 
 TITLE = "Study 1: BatchNorm on the seeds' CIFAR-10 CNN (with / without BN, max_norm(3))"
 CLAIM = "BN adds about 2 points of test accuracy to the seeds' CIFAR-10 CNN (Adam 1e-4, batch 128, 10 epochs)."
-REDUCED = ("CPU scale: conv width 32 instead of 128, Dense 256 instead of 1024, 300 steps of batch 128 "
-           "(0.77 epoch) instead of 10 epochs; evaluation on the first 5,000 test images.")
+REDUCED = (
+  "CPU scale: conv width 32 instead of 128, Dense 256 instead of 1024, 300 steps of batch 128 "
+  "(0.77 epoch) instead of 10 epochs; evaluation on the first 5,000 test images."
+)
 
 
 def base_config(scale: str) -> ml_collections.ConfigDict:
@@ -38,13 +40,18 @@ def base_config(scale: str) -> ml_collections.ConfigDict:
 
 def runs(scale: str):
   c = base_config(scale)
-  return {"cifar_cnn_bn": c,
-          "cifar_cnn_none": common.with_overrides(c, norm="none"),
-          "cifar_cnn_bn_max_norm": common.with_overrides(c, max_norm=3.0)}
+  return {
+    "cifar_cnn_bn": c,
+    "cifar_cnn_none": common.with_overrides(c, norm="none"),
+    "cifar_cnn_bn_max_norm": common.with_overrides(c, max_norm=3.0),
+  }
 
 
-LABELS = {"cifar_cnn_bn": "BN (before ReLU)", "cifar_cnn_none": "no normalization",
-          "cifar_cnn_bn_max_norm": "BN + max_norm(3) on Dense"}
+LABELS = {
+  "cifar_cnn_bn": "BN (before ReLU)",
+  "cifar_cnn_none": "no normalization",
+  "cifar_cnn_bn_max_norm": "BN + max_norm(3) on Dense",
+}
 
 
 def summarize(study, results):
@@ -56,5 +63,14 @@ def plot(study, results, out_path):
 
 
 def get_study(scale: str) -> common.Study:
-  return common.Study("bn_cifar_cnn", TITLE, CLAIM, REDUCED if scale == "cpu" else "", runs(scale),
-                      summarize, plot, seeds=common.seeds_for(scale), scale=scale)
+  return common.Study(
+    "bn_cifar_cnn",
+    TITLE,
+    CLAIM,
+    REDUCED if scale == "cpu" else "",
+    runs(scale),
+    summarize,
+    plot,
+    seeds=common.seeds_for(scale),
+    scale=scale,
+  )

@@ -9,8 +9,10 @@ from experiments.studies import common
 from experiments.studies import plots
 
 TITLE = "Study 3: BatchNorm before vs after the activation (seeds' CIFAR-10 CNN)"
-CLAIM = ("Ioffe & Szegedy (arXiv:1502.03167) normalize the pre-activation x = Wu (BN before the ReLU); "
-         "the alternative normalizes the ReLU output. No large difference is generally expected.")
+CLAIM = (
+  "Ioffe & Szegedy (arXiv:1502.03167) normalize the pre-activation x = Wu (BN before the ReLU); "
+  "the alternative normalizes the ReLU output. No large difference is generally expected."
+)
 LABELS = {"cifar_cnn_bn": "BN before ReLU", "cifar_cnn_bn_after": "BN after ReLU"}
 
 
@@ -28,5 +30,14 @@ def plot(study, results, out_path):
 
 
 def get_study(scale: str) -> common.Study:
-  return common.Study("bn_position", TITLE, CLAIM, bn_cifar_cnn.REDUCED if scale == "cpu" else "", runs(scale),
-                      summarize, plot, seeds=common.seeds_for(scale), scale=scale)
+  return common.Study(
+    "bn_position",
+    TITLE,
+    CLAIM,
+    bn_cifar_cnn.REDUCED if scale == "cpu" else "",
+    runs(scale),
+    summarize,
+    plot,
+    seeds=common.seeds_for(scale),
+    scale=scale,
+  )

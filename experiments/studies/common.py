@@ -40,6 +40,7 @@ class Study:
     seeds: the seeds every run is repeated with.
     scale: "cpu", "full" or "smoke".
   """
+
   name: str
   title: str
   claim: str
@@ -54,6 +55,7 @@ class Study:
 @dataclasses.dataclass
 class RunResult:
   """One finished run: its final metrics (final_metrics.json) and its work directory (for the CSV curves)."""
+
   run: str
   seed: int
   workdir: str
@@ -96,7 +98,7 @@ def metric(results: Sequence[RunResult], key: str) -> np.ndarray:
 
 
 def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-  """"m ± s" (sample std over seeds) of `values * scale`."""
+  """ "m ± s" (sample std over seeds) of `values * scale`."""
   v = np.asarray(values, np.float64) * scale
   s = v.std(ddof=1) if len(v) > 1 else 0.0
   return f"{v.mean():.{digits}f} ± {s:.{digits}f}"
@@ -105,6 +107,7 @@ def mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> 
 def curves(results: Sequence[RunResult], csv_name: str, key: str):
   """(steps, values[seed, step]) of column `key` in each seed's `<csv_name>.csv` (common steps only)."""
   from experiments import metrics  # pylint: disable=g-import-not-at-top
+
   per_seed = []
   for r in results:
     path = os.path.join(r.workdir, f"{csv_name}.csv")
@@ -114,15 +117,21 @@ def curves(results: Sequence[RunResult], csv_name: str, key: str):
   return np.array(steps), np.array([[d[s] for s in steps] for d in per_seed])
 
 
-def accuracy_table(study: Study, results: Mapping[str, List[RunResult]], labels: Mapping[str, str]) -> str:
+def accuracy_table(
+  study: Study, results: Mapping[str, List[RunResult]], labels: Mapping[str, str]
+) -> str:
   """Rows of test accuracy (%), test loss and train loss, mean ± std over seeds, for the runs in `labels`."""
-  lines = ["| run | test accuracy (%) | test loss | final train loss | seeds | time per run (s) |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    "| run | test accuracy (%) | test loss | final train loss | seeds | time per run (s) |",
+    "|---|---|---|---|---|---|",
+  ]
   for run, label in labels.items():
     rs = results[run]
-    lines.append(f"| {label} | {mean_std(metric(rs, 'eval_accuracy'))} | "
-                 f"{mean_std(metric(rs, 'eval_loss'), 1, 3)} | {mean_std(metric(rs, 'train_loss'), 1, 3)} | "
-                 f"{len(rs)} | {np.mean(metric(rs, 'time_s')):.0f} |")
+    lines.append(
+      f"| {label} | {mean_std(metric(rs, 'eval_accuracy'))} | "
+      f"{mean_std(metric(rs, 'eval_loss'), 1, 3)} | {mean_std(metric(rs, 'train_loss'), 1, 3)} | "
+      f"{len(rs)} | {np.mean(metric(rs, 'time_s')):.0f} |"
+    )
   return "\n".join(lines)
 
 

@@ -14,12 +14,20 @@ from experiments.studies import common
 from experiments.studies import plots
 
 TITLE = "Study 6: ghost BatchNorm for a large batch (same number of examples seen)"
-CLAIM = ("Large-batch training generalizes worse; ghost BN (statistics over small ghost batches) with a "
-         "sqrt-scaled learning rate narrows the gap (Hoffer et al. 2017, arXiv:1705.08741).")
-REDUCED = ("CPU scale: the seeds' MNIST CNN on scikit-learn's 8x8 digits instead of CIFAR-10; small batch "
-           "32, large batch 512, ghost batch 32 (so the ratio large/ghost is 16 as for 2048/128); "
-           "86,400 training examples seen (60 epochs of 1,437 images) in every arm.")
-SIZES = {"cpu": (32, 512, 32), "smoke": (16, 32, 2), "full": (128, 4096, 128)}  # small, large, ghost
+CLAIM = (
+  "Large-batch training generalizes worse; ghost BN (statistics over small ghost batches) with a "
+  "sqrt-scaled learning rate narrows the gap (Hoffer et al. 2017, arXiv:1705.08741)."
+)
+REDUCED = (
+  "CPU scale: the seeds' MNIST CNN on scikit-learn's 8x8 digits instead of CIFAR-10; small batch "
+  "32, large batch 512, ghost batch 32 (so the ratio large/ghost is 16 as for 2048/128); "
+  "86,400 training examples seen (60 epochs of 1,437 images) in every arm."
+)
+SIZES = {
+  "cpu": (32, 512, 32),
+  "smoke": (16, 32, 2),
+  "full": (128, 4096, 128),
+}  # small, large, ghost
 
 
 def runs(scale: str):
@@ -35,12 +43,20 @@ def runs(scale: str):
   c.optimizer, c.momentum, c.schedule, c.learning_rate = "sgd", 0.9, "cosine", 0.02
   lr_large = c.learning_rate * math.sqrt(large / small)
   out = {
-      f"ghost_small_b{small}": common.with_overrides(c, batch_size=small, num_steps=examples // small),
-      f"ghost_large_b{large}_full_bn": common.with_overrides(c, batch_size=large, num_steps=examples // large,
-                                                             learning_rate=lr_large),
-      f"ghost_large_b{large}_ghost{ghost}": common.with_overrides(
-          c, batch_size=large, num_steps=examples // large, learning_rate=lr_large, norm="ghost_batch_norm",
-          ghost_batch_size=ghost),
+    f"ghost_small_b{small}": common.with_overrides(
+      c, batch_size=small, num_steps=examples // small
+    ),
+    f"ghost_large_b{large}_full_bn": common.with_overrides(
+      c, batch_size=large, num_steps=examples // large, learning_rate=lr_large
+    ),
+    f"ghost_large_b{large}_ghost{ghost}": common.with_overrides(
+      c,
+      batch_size=large,
+      num_steps=examples // large,
+      learning_rate=lr_large,
+      norm="ghost_batch_norm",
+      ghost_batch_size=ghost,
+    ),
   }
   if scale == "smoke":
     out = {k: common.smoke(v) for k, v in out.items()}
@@ -50,8 +66,12 @@ def runs(scale: str):
 def _labels(study):
   small, large, ghost = SIZES[study.scale]
   names = list(study.runs)
-  return dict(zip(names, (f"batch {small}, BN", f"batch {large}, full-batch BN",
-                          f"batch {large}, ghost BN ({ghost})")))
+  return dict(
+    zip(
+      names,
+      (f"batch {small}, BN", f"batch {large}, full-batch BN", f"batch {large}, ghost BN ({ghost})"),
+    )
+  )
 
 
 def summarize(study, results):
@@ -60,6 +80,7 @@ def summarize(study, results):
 
 def plot(study, results, out_path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   labels = _labels(study)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, (run, label) in enumerate(labels.items()):
@@ -78,5 +99,14 @@ def plot(study, results, out_path):
 
 
 def get_study(scale: str) -> common.Study:
-  return common.Study("ghost_large_batch", TITLE, CLAIM, REDUCED if scale == "cpu" else "", runs(scale),
-                      summarize, plot, seeds=common.seeds_for(scale), scale=scale)
+  return common.Study(
+    "ghost_large_batch",
+    TITLE,
+    CLAIM,
+    REDUCED if scale == "cpu" else "",
+    runs(scale),
+    summarize,
+    plot,
+    seeds=common.seeds_for(scale),
+    scale=scale,
+  )

@@ -33,5 +33,14 @@ def plot(study, results, out_path):
 
 
 def get_study(scale: str) -> common.Study:
-  return common.Study("mnist_cnn", TITLE, CLAIM, REDUCED if scale == "cpu" else "", runs(scale), summarize, plot,
-                      seeds=common.seeds_for(scale), scale=scale)
+  return common.Study(
+    "mnist_cnn",
+    TITLE,
+    CLAIM,
+    REDUCED if scale == "cpu" else "",
+    runs(scale),
+    summarize,
+    plot,
+    seeds=common.seeds_for(scale),
+    scale=scale,
+  )

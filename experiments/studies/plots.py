@@ -11,7 +11,9 @@ import numpy as np  # noqa: E402
 from experiments.studies import common  # noqa: E402
 
 
-def band(ax, results, csv_name: str, key: str, label: str, color: str, scale: float = 1.0, style: str = "-"):
+def band(
+  ax, results, csv_name: str, key: str, label: str, color: str, scale: float = 1.0, style: str = "-"
+):
   """Mean ± std over seeds of column `key` of `<csv_name>.csv` against the step."""
   steps, values = common.curves(results, csv_name, key)
   if not len(steps):
@@ -21,7 +23,9 @@ def band(ax, results, csv_name: str, key: str, label: str, color: str, scale: fl
   ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
 
 
-def eval_curves(results, labels: Mapping[str, str], out_path: str, title: Optional[str] = None) -> None:
+def eval_curves(
+  results, labels: Mapping[str, str], out_path: str, title: Optional[str] = None
+) -> None:
   """Train loss and test accuracy (mean ± std over seeds) of the runs in `labels`."""
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, (run, label) in enumerate(labels.items()):
@@ -32,8 +36,17 @@ def eval_curves(results, labels: Mapping[str, str], out_path: str, title: Option
   finish(fig, axes, out_path, title)
 
 
-def against(ax, xs: Sequence[float], lines: Mapping[str, Sequence], value: Callable, *, xlabel: str,
-            ylabel: str, logx: bool = True, base: int = 2) -> None:
+def against(
+  ax,
+  xs: Sequence[float],
+  lines: Mapping[str, Sequence],
+  value: Callable,
+  *,
+  xlabel: str,
+  ylabel: str,
+  logx: bool = True,
+  base: int = 2,
+) -> None:
   """On `ax`, `value(results)` (an array over seeds; mean ± std drawn) against `xs`, one line per label.
 
   `lines[label][i]` is the list of RunResults at `xs[i]`, or None where there is no point (e.g. diverged).
@@ -42,8 +55,15 @@ def against(ax, xs: Sequence[float], lines: Mapping[str, Sequence], value: Calla
     pts = [(x, np.asarray(value(rs), np.float64)) for x, rs in zip(xs, per_x) if rs]
     pts = [(x, v[np.isfinite(v)]) for x, v in pts if np.isfinite(v).any()]
     if pts:
-      ax.errorbar([p[0] for p in pts], [p[1].mean() for p in pts], yerr=[p[1].std() for p in pts], marker="o",
-                  capsize=3, color=f"C{i}", label=label)
+      ax.errorbar(
+        [p[0] for p in pts],
+        [p[1].mean() for p in pts],
+        yerr=[p[1].std() for p in pts],
+        marker="o",
+        capsize=3,
+        color=f"C{i}",
+        label=label,
+      )
   if logx:
     ax.set_xscale("log", base=base)
   ax.set(xlabel=xlabel, ylabel=ylabel)

@@ -13,9 +13,13 @@ import numpy as np
 from experiments.studies import bn_cifar_cnn
 from experiments.studies import common
 
-TITLE = "Study 7: EMA vs precise BatchNorm statistics at evaluation, over training (seeds' CIFAR-10 CNN)"
-CLAIM = ("EMA statistics lag the weights; precise (recalibrated) statistics evaluate the same weights better, "
-         "especially early in training (Wu & Johnson 2021, arXiv:2105.07576).")
+TITLE = (
+  "Study 7: EMA vs precise BatchNorm statistics at evaluation, over training (seeds' CIFAR-10 CNN)"
+)
+CLAIM = (
+  "EMA statistics lag the weights; precise (recalibrated) statistics evaluate the same weights better, "
+  "especially early in training (Wu & Johnson 2021, arXiv:2105.07576)."
+)
 RUN = "cifar_cnn_bn"
 
 
@@ -34,24 +38,35 @@ def _both(results):
 
 def summarize(study, results):
   steps, ema, precise = _both(results)
-  rows = ["Test accuracy (%) with EMA running statistics and with precise (recalibrated) statistics, same "
-          "weights; mean ± std over seeds.", "",
-          "| step | EMA statistics | precise statistics | precise − EMA |", "|---|---|---|---|"]
+  rows = [
+    "Test accuracy (%) with EMA running statistics and with precise (recalibrated) statistics, same "
+    "weights; mean ± std over seeds.",
+    "",
+    "| step | EMA statistics | precise statistics | precise − EMA |",
+    "|---|---|---|---|",
+  ]
   for i, s in enumerate(steps):
-    rows.append(f"| {s} | {common.mean_std(ema[:, i], 1)} | {common.mean_std(precise[:, i], 1)} | "
-                f"{common.mean_std(precise[:, i] - ema[:, i], 1, 2)} |")
+    rows.append(
+      f"| {s} | {common.mean_std(ema[:, i], 1)} | {common.mean_std(precise[:, i], 1)} | "
+      f"{common.mean_std(precise[:, i] - ema[:, i], 1, 2)} |"
+    )
   return "\n".join(rows)
 
 
 def plot(study, results, out_path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from experiments.studies import plots  # pylint: disable=g-import-not-at-top
+
   steps, ema, precise = _both(results)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for i, (label, v) in enumerate((("EMA statistics", ema), ("precise statistics", precise))):
-    axes[0].errorbar(steps, v.mean(0), yerr=v.std(0), marker="o", capsize=3, color=f"C{i}", label=label)
+    axes[0].errorbar(
+      steps, v.mean(0), yerr=v.std(0), marker="o", capsize=3, color=f"C{i}", label=label
+    )
   d = precise - ema
-  axes[1].errorbar(steps, d.mean(0), yerr=d.std(0), marker="o", capsize=3, color="C2", label="precise − EMA")
+  axes[1].errorbar(
+    steps, d.mean(0), yerr=d.std(0), marker="o", capsize=3, color="C2", label="precise − EMA"
+  )
   axes[1].axhline(0, color="k", lw=0.8)
   axes[0].set(xlabel="step", ylabel="test accuracy (%)")
   axes[1].set(xlabel="step", ylabel="accuracy difference (points)")
@@ -60,5 +75,14 @@ def plot(study, results, out_path):
 
 
 def get_study(scale: str) -> common.Study:
-  return common.Study("precise_bn", TITLE, CLAIM, bn_cifar_cnn.REDUCED if scale == "cpu" else "", runs(scale),
-                      summarize, plot, seeds=common.seeds_for(scale), scale=scale)
+  return common.Study(
+    "precise_bn",
+    TITLE,
+    CLAIM,
+    bn_cifar_cnn.REDUCED if scale == "cpu" else "",
+    runs(scale),
+    summarize,
+    plot,
+    seeds=common.seeds_for(scale),
+    scale=scale,
+  )

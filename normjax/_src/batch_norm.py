@@ -31,6 +31,7 @@ from normjax._src import validation
 
 class BatchNormState(NamedTuple):
   """Running statistics of a BatchNorm layer (float32 whatever the input dtype)."""
+
   mean: jax.Array  # f32[*feature_shape]: running mean, initially 0
   var: jax.Array  # f32[*feature_shape]: running variance, initially 1
   count: jax.Array  # i32[]: number of training updates applied so far
@@ -42,6 +43,7 @@ GHOST_GROUPINGS = ("consecutive", "strided")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BatchNormConfig:
   """The options of `batch_norm`, validated at construction. See `batch_norm` for their meaning."""
+
   axis: validation.Axes = -1
   momentum: Optional[float] = 0.99
   epsilon: float = 1e-5
@@ -64,7 +66,9 @@ class BatchNormConfig:
   def __post_init__(self):
     validation.check_momentum(self.momentum)
     validation.check_positive(self.epsilon, "epsilon")
-    if self.momentum is not None:  # NumPy / JAX scalars become Python floats: the config stays hashable
+    if (
+      self.momentum is not None
+    ):  # NumPy / JAX scalars become Python floats: the config stays hashable
       object.__setattr__(self, "momentum", float(self.momentum))
     object.__setattr__(self, "epsilon", float(self.epsilon))
     if self.stats_method not in stats.METHODS:
@@ -83,8 +87,9 @@ class BatchNormConfig:
       raise ValueError("axis_index_groups needs axis_name to be set")
     collectives.check_axis_index_groups(self.axis_index_groups)
     if self.axis_index_groups is not None:  # hashable, so the config can be static
-      object.__setattr__(self, "axis_index_groups",
-                         tuple(tuple(int(i) for i in g) for g in self.axis_index_groups))
+      object.__setattr__(
+        self, "axis_index_groups", tuple(tuple(int(i) for i in g) for g in self.axis_index_groups)
+      )
     if self.renorm:
       renorm_lib.check_clipping(self.r_max, self.d_max)
 
@@ -100,8 +105,11 @@ def init_variables(feature_shape, *, use_scale=True, use_bias=True, param_dtype=
     params["scale"] = jnp.ones(feature_shape, param_dtype)
   if use_bias:
     params["bias"] = jnp.zeros(feature_shape, param_dtype)
-  state = BatchNormState(jnp.zeros(feature_shape, jnp.float32), jnp.ones(feature_shape, jnp.float32),
-                         jnp.zeros((), jnp.int32))
+  state = BatchNormState(
+    jnp.zeros(feature_shape, jnp.float32),
+    jnp.ones(feature_shape, jnp.float32),
+    jnp.zeros((), jnp.int32),
+  )
   return params, state
 
 
@@ -110,8 +118,12 @@ def init_for_config(config, x):
   `use_bias` and `param_dtype` (BatchNorm and frozen BatchNorm)."""
   validation.check_float_input(jax.ShapeDtypeStruct(x.shape, x.dtype), "x")
   axes = validation.normalize_axes(config.axis, len(x.shape), "axis")
-  return init_variables(tuple(x.shape[a] for a in axes), use_scale=config.use_scale,
-                        use_bias=config.use_bias, param_dtype=config.param_dtype)
+  return init_variables(
+    tuple(x.shape[a] for a in axes),
+    use_scale=config.use_scale,
+    use_bias=config.use_bias,
+    param_dtype=config.param_dtype,
+  )
 
 
 def check_variables(config, params, state, feature_shape):
@@ -119,8 +131,10 @@ def check_variables(config, params, state, feature_shape):
   expected = {k for k, use in (("scale", config.use_scale), ("bias", config.use_bias)) if use}
   if not isinstance(params, dict) or set(params) != expected:
     keys = sorted(params) if isinstance(params, dict) else type(params).__name__
-    raise ValueError(f"params has keys {keys}; expected {sorted(expected)} for use_scale="
-                     f"{config.use_scale}, use_bias={config.use_bias}")
+    raise ValueError(
+      f"params has keys {keys}; expected {sorted(expected)} for use_scale="
+      f"{config.use_scale}, use_bias={config.use_bias}"
+    )
   for name, value in params.items():
     validation.check_array(value, feature_shape, config.param_dtype, f"params[{name!r}]")
   if not isinstance(state, BatchNormState):
@@ -171,9 +185,10 @@ def _check_group_count(config, xg, reduce_axes):
   per_device = math.prod(xg.shape[a] for a in reduce_axes)
   if per_device * _group_size_over_devices(config) < 2:
     raise ValueError(
-        f"training with {per_device} element(s) per feature in each statistics group: the batch "
-        "variance is undefined. Use a larger batch (or ghost_batch_size), an axis_name to pool "
-        "devices, or training=False")
+      f"training with {per_device} element(s) per feature in each statistics group: the batch "
+      "variance is undefined. Use a larger batch (or ghost_batch_size), an axis_name to pool "
+      "devices, or training=False"
+    )
 
 
 def running_targets(config, mean, var, count):
@@ -189,9 +204,14 @@ def running_targets(config, mean, var, count):
 def check_finite_moments(batch_mean, batch_var, total):
   """`checkify.check` that every feature with a valid element has finite batch statistics."""
   bad = ((total > 0) & ~(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var))).ravel()
-  checkify.check(~jnp.any(bad), "normjax batch_norm: the batch statistics of {count} feature(s) are "
-                 "not finite (the first at flat feature index {first}); their running statistics keep "
-                 "their previous values", count=jnp.sum(bad), first=jnp.argmax(bad))
+  checkify.check(
+    ~jnp.any(bad),
+    "normjax batch_norm: the batch statistics of {count} feature(s) are "
+    "not finite (the first at flat feature index {first}); their running statistics keep "
+    "their previous values",
+    count=jnp.sum(bad),
+    first=jnp.argmax(bad),
+  )
 
 
 def updated_state(config, state, batch_mean, batch_var, total):
@@ -203,14 +223,16 @@ def updated_state(config, state, batch_mean, batch_var, total):
   options = dict(momentum=config.momentum, debias=config.debias)
   mean = running.update(state.mean, batch_mean, state.count, **options)
   if config.renorm:  # the moving average is of σ = sqrt(var + ε), as the paper and Keras
-    var = renorm_lib.running_var_update(state.var, batch_var, state.count, epsilon=config.epsilon,
-                                        **options)
+    var = renorm_lib.running_var_update(
+      state.var, batch_var, state.count, epsilon=config.epsilon, **options
+    )
   else:
     var = running.update(state.var, batch_var, state.count, **options)
   (mean, var), updated = running.select_finite((state.mean, state.var), (mean, var), total > 0)
   count = state.count + jnp.any(updated).astype(state.count.dtype)
-  return BatchNormState(*(jax.lax.stop_gradient(v.astype(o.dtype))
-                          for v, o in zip((mean, var, count), state)))
+  return BatchNormState(
+    *(jax.lax.stop_gradient(v.astype(o.dtype)) for v, o in zip((mean, var, count), state))
+  )
 
 
 def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
@@ -236,26 +258,56 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
   bias = params["bias"].reshape(bshape) if config.use_bias else None
   dtype = config.dtype or x.dtype
   if not training:
-    y = normalize_lib.normalize(x, state.mean.reshape(bshape), state.var.reshape(bshape), scale, bias,
-                                epsilon=config.epsilon, dtype=dtype)
+    y = normalize_lib.normalize(
+      x,
+      state.mean.reshape(bshape),
+      state.var.reshape(bshape),
+      scale,
+      bias,
+      epsilon=config.epsilon,
+      dtype=dtype,
+    )
     return y, state, None
   xg, mask_g = _grouped(config, x, mask)
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   _check_group_count(config, xg, reduce_axes)
   mean, var, count = stats.moments_and_count(
-      xg, reduce_axes, mask=mask_g, axis_name=config.axis_name,
-      axis_index_groups=config.axis_index_groups, method=config.stats_method)
+    xg,
+    reduce_axes,
+    mask=mask_g,
+    axis_name=config.axis_name,
+    axis_index_groups=config.axis_index_groups,
+    method=config.stats_method,
+  )
   r = d = None
   if config.renorm:
-    r, d = renorm_lib.corrections(mean, var, state.mean.reshape(bshape), state.var.reshape(bshape),
-                                  state.count, r_max=config.r_max, d_max=config.d_max,
-                                  epsilon=config.epsilon)
+    r, d = renorm_lib.corrections(
+      mean,
+      var,
+      state.mean.reshape(bshape),
+      state.var.reshape(bshape),
+      state.count,
+      r_max=config.r_max,
+      d_max=config.d_max,
+      epsilon=config.epsilon,
+    )
   y = fused_batch_norm.normalize_training(  # closed-form derivatives (forward and reverse mode)
-      xg, mask_g, scale, bias, r, d, reduce_axes=reduce_axes, axis_name=config.axis_name,
-      axis_index_groups=config.axis_index_groups, method=config.stats_method, epsilon=config.epsilon,
-      dtype=dtype)
-  batch_mean, batch_var, batch_total = (v.reshape(feature_shape)
-                                        for v in running_targets(config, mean, var, count))
+    xg,
+    mask_g,
+    scale,
+    bias,
+    r,
+    d,
+    reduce_axes=reduce_axes,
+    axis_name=config.axis_name,
+    axis_index_groups=config.axis_index_groups,
+    method=config.stats_method,
+    epsilon=config.epsilon,
+    dtype=dtype,
+  )
+  batch_mean, batch_var, batch_total = (
+    v.reshape(feature_shape) for v in running_targets(config, mean, var, count)
+  )
   if config.check_finite:
     check_finite_moments(batch_mean, batch_var, batch_total)
   new_state = updated_state(config, state, batch_mean, batch_var, batch_total)
@@ -264,14 +316,27 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
   return _ungrouped(config, y, x.shape), new_state, moments
 
 
-def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, epsilon: float = 1e-5,
-               debias: bool = False, unbiased_running_var: bool = False, use_scale: bool = True,
-               use_bias: bool = True, stats_method: str = "shifted", axis_name=None,
-               axis_index_groups=None, ghost_batch_size: Optional[int] = None,
-               ghost_grouping: str = "consecutive", renorm: bool = False,
-               r_max: renorm_lib.ScalarOrSchedule = 3.0, d_max: renorm_lib.ScalarOrSchedule = 5.0,
-               check_finite: bool = False, dtype=None,
-               param_dtype=jnp.float32) -> transform.Transform:
+def batch_norm(
+  *,
+  axis: validation.Axes = -1,
+  momentum: Optional[float] = 0.99,
+  epsilon: float = 1e-5,
+  debias: bool = False,
+  unbiased_running_var: bool = False,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  stats_method: str = "shifted",
+  axis_name=None,
+  axis_index_groups=None,
+  ghost_batch_size: Optional[int] = None,
+  ghost_grouping: str = "consecutive",
+  renorm: bool = False,
+  r_max: renorm_lib.ScalarOrSchedule = 3.0,
+  d_max: renorm_lib.ScalarOrSchedule = 5.0,
+  check_finite: bool = False,
+  dtype=None,
+  param_dtype=jnp.float32,
+) -> transform.Transform:
   """Batch Normalization as a pair of pure functions, with every variant as a composable option.
 
   In training, `y = scale * (x - μ_B) / sqrt(σ²_B + epsilon) + bias` with μ_B, σ²_B the mean and biased
@@ -364,8 +429,9 @@ def batch_norm(*, axis: validation.Axes = -1, momentum: Optional[float] = 0.99, 
 
 def from_config(config: BatchNormConfig) -> transform.Transform:
   """The BatchNorm `Transform` for a validated `BatchNormConfig` (used by the Flax wrappers)."""
-  return transform.Transform(init=functools.partial(init_for_config, config),
-                             apply=functools.partial(_apply, config))
+  return transform.Transform(
+    init=functools.partial(init_for_config, config), apply=functools.partial(_apply, config)
+  )
 
 
 def ghost_batch_norm(ghost_batch_size: int, **options) -> transform.Transform:
@@ -379,8 +445,9 @@ def ghost_batch_norm(ghost_batch_size: int, **options) -> transform.Transform:
   return batch_norm(ghost_batch_size=ghost_batch_size, **options)
 
 
-def batch_renorm(r_max: renorm_lib.ScalarOrSchedule = 3.0, d_max: renorm_lib.ScalarOrSchedule = 5.0,
-                 **options) -> transform.Transform:
+def batch_renorm(
+  r_max: renorm_lib.ScalarOrSchedule = 3.0, d_max: renorm_lib.ScalarOrSchedule = 5.0, **options
+) -> transform.Transform:
   """`batch_norm(renorm=True, r_max=r_max, d_max=d_max, **options)` (Ioffe 2017, arXiv:1702.03275).
 
   Example:

@@ -26,8 +26,9 @@ def check_axis_index_groups(groups: AxisIndexGroups, axis_size: Optional[int] = 
     raise ValueError(f"axis_index_groups={groups!r} lists a device index twice")
   if axis_size is not None and sorted(flat) != list(range(axis_size)):
     raise ValueError(
-        f"axis_index_groups={groups!r} must cover each of the {axis_size} device indices "
-        f"0..{axis_size - 1} exactly once")
+      f"axis_index_groups={groups!r} must cover each of the {axis_size} device indices "
+      f"0..{axis_size - 1} exactly once"
+    )
 
 
 def _static_axis_size(axis_name) -> Optional[int]:

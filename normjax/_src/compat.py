@@ -37,10 +37,12 @@ JAXLIB_VERSION = tuple(jaxlib.version.__version_info__[:3])  # e.g. (0, 8, 1)
 OLD_CPU_REDUCTIONS = JAXLIB_VERSION < (0, 10, 2)
 
 if hasattr(jax.lax, "pcast"):
+
   def vary(value, axes: Sequence[str]):
     """`value` made device-varying over the mesh `axes`, axes it does not vary over yet."""
     return jax.lax.pcast(value, tuple(axes), to="varying")
 else:  # jax < 0.8.2
+
   def vary(value, axes: Sequence[str]):
     """`value` made device-varying over the mesh `axes`, axes it does not vary over yet."""
     return jax.lax.pvary(value, tuple(axes))

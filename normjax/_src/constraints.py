@@ -32,6 +32,7 @@ _EPSILON = 1e-7  # Keras's backend epsilon, in the denominator of the rescaling
 
 class Constraint(NamedTuple):
   """A constraint: an optax `GradientTransformation` (`init`, `update`) plus its `project`."""
+
   init: Callable[..., Any]
   update: Callable[..., Any]
   project: Callable[[Any], Any]
@@ -54,14 +55,17 @@ def _leaf_axes(axis, leaf, path):
   ndim = jnp.ndim(leaf)
   if axis is None:
     if ndim < 2:
-      raise ValueError(f"axis=None (every axis but the last) needs a leaf of rank >= 2; the leaf at "
-                       f"{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}")
+      raise ValueError(
+        f"axis=None (every axis but the last) needs a leaf of rank >= 2; the leaf at "
+        f"{jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)}"
+      )
     return tuple(range(ndim - 1))
   try:
     return validation.normalize_axes(axis, ndim, "axis")
   except ValueError as e:
-    raise ValueError(f"{e} (the leaf at {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)})") \
-        from None
+    raise ValueError(
+      f"{e} (the leaf at {jax.tree_util.keystr(path)} has shape {jnp.shape(leaf)})"
+    ) from None
 
 
 def _selected(where, params):
@@ -82,6 +86,7 @@ def _make(leaf_projection, axis, where, needs_axis=True) -> Constraint:
         return leaf
       axes = _leaf_axes(axis, leaf, path) if needs_axis else None
       return leaf_projection(leaf, axes).astype(jnp.result_type(leaf))
+
     return jax.tree_util.tree_map_with_path(one, params, selected)
 
   def init(params):
@@ -94,7 +99,8 @@ def _make(leaf_projection, axis, where, needs_axis=True) -> Constraint:
     selected = _selected(where, params)
     projected = project(jax.tree_util.tree_map(lambda p, u: p + u, params, updates))
     new_updates = jax.tree_util.tree_map(
-        lambda chosen, u, p, q: q - p if chosen else u, selected, updates, params, projected)
+      lambda chosen, u, p, q: q - p if chosen else u, selected, updates, params, projected
+    )
     return new_updates, state
 
   return Constraint(init, update, project)
@@ -140,7 +146,9 @@ def max_norm(max_value: float = 2.0, *, axis=None, where: Where = None) -> Const
     15 (§5.1, max-norm regularization); Keras `keras.constraints.MaxNorm`.
   """
   _check_value(max_value, "max_value")
-  return _make(lambda w, axes: _rescale(w, axes, lambda n: jnp.clip(n, 0.0, max_value)), axis, where)
+  return _make(
+    lambda w, axes: _rescale(w, axes, lambda n: jnp.clip(n, 0.0, max_value)), axis, where
+  )
 
 
 def unit_norm(*, axis=None, where: Where = None) -> Constraint:
@@ -155,8 +163,14 @@ def unit_norm(*, axis=None, where: Where = None) -> Constraint:
   return _make(lambda w, axes: _rescale(w, axes, jnp.ones_like), axis, where)
 
 
-def min_max_norm(min_value: float = 0.0, max_value: float = 1.0, rate: float = 1.0, *, axis=None,
-                 where: Where = None) -> Constraint:
+def min_max_norm(
+  min_value: float = 0.0,
+  max_value: float = 1.0,
+  rate: float = 1.0,
+  *,
+  axis=None,
+  where: Where = None,
+) -> Constraint:
   """Min-max-norm: `w ← w · (rate · clip(‖w‖, min, max) + (1 − rate) · ‖w‖) / (1e-7 + ‖w‖)` (Keras).
 
   `rate=1` enforces the bounds strictly; a smaller rate moves the norm only part of the way each step.
@@ -193,4 +207,6 @@ def non_neg(*, where: Where = None) -> Constraint:
     >>> normjax.non_neg().project({"kernel": jnp.array([[-1.0, 2.0]])})["kernel"].tolist()
     [[0.0, 2.0]]
   """
-  return _make(lambda w, axes: jnp.where(w >= 0, w, jnp.zeros_like(w)), None, where, needs_axis=False)
+  return _make(
+    lambda w, axes: jnp.where(w >= 0, w, jnp.zeros_like(w)), None, where, needs_axis=False
+  )

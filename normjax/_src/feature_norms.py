@@ -27,6 +27,7 @@ from normjax._src import validation
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FeatureNormConfig:
   """Options shared by the feature-axis norms; see `layer_norm`, `group_norm`, `rms_norm`."""
+
   kind: str  # "layer", "instance", "group" or "rms"
   reduction_axes: Any = -1
   feature_axes: Any = -1
@@ -45,38 +46,54 @@ class FeatureNormConfig:
       raise ValueError(f"stats_method={self.stats_method!r} must be one of {stats.METHODS}")
     if self.kind == "group":
       if (self.num_groups is None) == (self.group_size is None):
-        raise ValueError(f"group_norm needs exactly one of num_groups={self.num_groups!r} and "
-                         f"group_size={self.group_size!r}")
+        raise ValueError(
+          f"group_norm needs exactly one of num_groups={self.num_groups!r} and "
+          f"group_size={self.group_size!r}"
+        )
       for name in ("num_groups", "group_size"):
         value = getattr(self, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (
+          not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
           raise ValueError(f"{name}={value!r} must be a positive int")
       if not isinstance(self.feature_axes, int):
-        raise ValueError(f"axis={self.feature_axes!r}: group_norm takes a single channel axis (an int)")
+        raise ValueError(
+          f"axis={self.feature_axes!r}: group_norm takes a single channel axis (an int)"
+        )
 
 
 def _layout(config: FeatureNormConfig, shape):
   """(reduction axes, feature axes, number of groups or None) for an input of `shape`."""
   ndim = len(shape)
   if config.kind in ("layer", "rms"):
-    return (validation.normalize_axes(config.reduction_axes, ndim, "reduction_axes"),
-            validation.normalize_axes(config.feature_axes, ndim, "feature_axes"), None)
+    return (
+      validation.normalize_axes(config.reduction_axes, ndim, "reduction_axes"),
+      validation.normalize_axes(config.feature_axes, ndim, "feature_axes"),
+      None,
+    )
   (channel,) = validation.normalize_axes(config.feature_axes, ndim, "axis")
   if config.reduction_axes is None:  # every axis but the batch axis 0 and the channel axis
     reduce = tuple(a for a in range(min(1, ndim - 1), ndim) if a != channel)
   else:
     reduce = validation.normalize_axes(config.reduction_axes, ndim, "reduction_axes")
     if channel in reduce:
-      raise ValueError(f"reduction_axes={config.reduction_axes!r} contains the channel axis "
-                       f"{config.feature_axes}; channels are pooled by the grouping")
+      raise ValueError(
+        f"reduction_axes={config.reduction_axes!r} contains the channel axis "
+        f"{config.feature_axes}; channels are pooled by the grouping"
+      )
   if config.kind == "instance":
     return reduce, (channel,), None
   channels = shape[channel]
   if channels % (config.num_groups or config.group_size):
-    what = (f"num_groups={config.num_groups}" if config.num_groups is not None
-            else f"group_size={config.group_size}")
-    raise ValueError(f"{what} must divide the number of channels {channels} (axis {channel} of an "
-                     f"input of shape {tuple(shape)})")
+    what = (
+      f"num_groups={config.num_groups}"
+      if config.num_groups is not None
+      else f"group_size={config.group_size}"
+    )
+    raise ValueError(
+      f"{what} must divide the number of channels {channels} (axis {channel} of an "
+      f"input of shape {tuple(shape)})"
+    )
   groups = config.num_groups if config.num_groups is not None else channels // config.group_size
   return reduce, (channel,), groups
 
@@ -108,7 +125,7 @@ def _split_channel(a, channel, groups):
   """Splits axis `channel` of `a` into (groups, channels // groups); a size-1 axis into (1, 1)."""
   size = a.shape[channel]
   split = (groups, size // groups) if size != 1 else (1, 1)
-  return a.reshape(a.shape[:channel] + split + a.shape[channel + 1:])
+  return a.reshape(a.shape[:channel] + split + a.shape[channel + 1 :])
 
 
 def _apply(config: FeatureNormConfig, params, state, x, *, training, mask=None):
@@ -131,11 +148,13 @@ def _apply(config: FeatureNormConfig, params, state, x, *, training, mask=None):
     xg = _split_channel(x, c, groups)
     mask_g = None if mask is None else _split_channel(mask, c, groups)
     reduce_g = tuple(a if a < c else a + 1 for a in reduce) + (c + 1,)
-    mean, var, _ = stats.moments_and_count(xg, tuple(sorted(reduce_g)), mask=mask_g,
-                                           method=config.stats_method)
+    mean, var, _ = stats.moments_and_count(
+      xg, tuple(sorted(reduce_g)), mask=mask_g, method=config.stats_method
+    )
     split = lambda p: None if p is None else _split_channel(p, c, groups)  # noqa: E731
-    y = normalize_lib.normalize(xg, mean, var, split(scale), split(bias), epsilon=config.epsilon,
-                                dtype=dtype)
+    y = normalize_lib.normalize(
+      xg, mean, var, split(scale), split(bias), epsilon=config.epsilon, dtype=dtype
+    )
     return y.reshape(x.shape), state
   mean, var, _ = stats.moments_and_count(x, reduce, mask=mask, method=config.stats_method)
   if config.kind == "rms":  # mean square = variance + squared mean (no cancellation)
@@ -146,14 +165,22 @@ def _apply(config: FeatureNormConfig, params, state, x, *, training, mask=None):
 
 def from_config(config: FeatureNormConfig) -> transform.Transform:
   """The `Transform` of a validated `FeatureNormConfig` (used by the Flax wrappers)."""
-  return transform.Transform(init=functools.partial(_init, config),
-                             apply=functools.partial(_apply, config))
+  return transform.Transform(
+    init=functools.partial(_init, config), apply=functools.partial(_apply, config)
+  )
 
 
-def layer_norm(*, reduction_axes: validation.Axes = -1, feature_axes: validation.Axes = -1,
-               epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
-               stats_method: str = "shifted", dtype=None,
-               param_dtype=jnp.float32) -> transform.Transform:
+def layer_norm(
+  *,
+  reduction_axes: validation.Axes = -1,
+  feature_axes: validation.Axes = -1,
+  epsilon: float = 1e-5,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  stats_method: str = "shifted",
+  dtype=None,
+  param_dtype=jnp.float32,
+) -> transform.Transform:
   """Layer Normalization: `y = scale * (x − μ) / sqrt(σ² + epsilon) + bias`, per example.
 
   μ and σ² (biased) are taken over `reduction_axes` separately for every position of the other axes;
@@ -191,16 +218,34 @@ def layer_norm(*, reduction_axes: validation.Axes = -1, feature_axes: validation
   References:
     Ba, Kiros & Hinton 2016, "Layer Normalization", arXiv:1607.06450.
   """
-  return from_config(FeatureNormConfig(kind="layer", reduction_axes=reduction_axes, feature_axes=feature_axes,
-                                       epsilon=epsilon, use_scale=use_scale,
-                                       use_bias=use_bias, stats_method=stats_method, dtype=dtype,
-                                       param_dtype=param_dtype))
+  return from_config(
+    FeatureNormConfig(
+      kind="layer",
+      reduction_axes=reduction_axes,
+      feature_axes=feature_axes,
+      epsilon=epsilon,
+      use_scale=use_scale,
+      use_bias=use_bias,
+      stats_method=stats_method,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+  )
 
 
-def group_norm(num_groups: Optional[int] = None, group_size: Optional[int] = None, *, axis: int = -1,
-               reduction_axes: Optional[validation.Axes] = None, epsilon: float = 1e-5,
-               use_scale: bool = True, use_bias: bool = True, stats_method: str = "shifted",
-               dtype=None, param_dtype=jnp.float32) -> transform.Transform:
+def group_norm(
+  num_groups: Optional[int] = None,
+  group_size: Optional[int] = None,
+  *,
+  axis: int = -1,
+  reduction_axes: Optional[validation.Axes] = None,
+  epsilon: float = 1e-5,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  stats_method: str = "shifted",
+  dtype=None,
+  param_dtype=jnp.float32,
+) -> transform.Transform:
   """Group Normalization: the channels are split into groups of consecutive channels and each example is
   normalized by the statistics of each group, pooled over `reduction_axes`.
 
@@ -237,17 +282,34 @@ def group_norm(num_groups: Optional[int] = None, group_size: Optional[int] = Non
   References:
     Wu & He 2018, "Group Normalization", arXiv:1803.08494.
   """
-  return from_config(FeatureNormConfig(kind="group", reduction_axes=reduction_axes, feature_axes=axis,
-                                       num_groups=num_groups, group_size=group_size,
-                                       epsilon=epsilon, use_scale=use_scale,
-                                       use_bias=use_bias, stats_method=stats_method, dtype=dtype,
-                                       param_dtype=param_dtype))
+  return from_config(
+    FeatureNormConfig(
+      kind="group",
+      reduction_axes=reduction_axes,
+      feature_axes=axis,
+      num_groups=num_groups,
+      group_size=group_size,
+      epsilon=epsilon,
+      use_scale=use_scale,
+      use_bias=use_bias,
+      stats_method=stats_method,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+  )
 
 
-def instance_norm(*, axis: int = -1, reduction_axes: Optional[validation.Axes] = None,
-                  epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
-                  stats_method: str = "shifted", dtype=None,
-                  param_dtype=jnp.float32) -> transform.Transform:
+def instance_norm(
+  *,
+  axis: int = -1,
+  reduction_axes: Optional[validation.Axes] = None,
+  epsilon: float = 1e-5,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  stats_method: str = "shifted",
+  dtype=None,
+  param_dtype=jnp.float32,
+) -> transform.Transform:
   """Instance Normalization: each channel of each example normalized over the spatial axes.
 
   Equal to `group_norm(group_size=1)`. `scale` and `bias` are per channel (PyTorch's `affine=True`).
@@ -272,15 +334,31 @@ def instance_norm(*, axis: int = -1, reduction_axes: Optional[validation.Axes] =
   """
   if not isinstance(axis, int):
     raise ValueError(f"axis={axis!r}: instance_norm takes a single channel axis (an int)")
-  return from_config(FeatureNormConfig(kind="instance", reduction_axes=reduction_axes, feature_axes=axis,
-                                       epsilon=epsilon, use_scale=use_scale,
-                                       use_bias=use_bias, stats_method=stats_method, dtype=dtype,
-                                       param_dtype=param_dtype))
+  return from_config(
+    FeatureNormConfig(
+      kind="instance",
+      reduction_axes=reduction_axes,
+      feature_axes=axis,
+      epsilon=epsilon,
+      use_scale=use_scale,
+      use_bias=use_bias,
+      stats_method=stats_method,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+  )
 
 
-def rms_norm(*, reduction_axes: validation.Axes = -1, feature_axes: validation.Axes = -1,
-             epsilon: float = 1e-5, use_scale: bool = True, stats_method: str = "shifted", dtype=None,
-             param_dtype=jnp.float32) -> transform.Transform:
+def rms_norm(
+  *,
+  reduction_axes: validation.Axes = -1,
+  feature_axes: validation.Axes = -1,
+  epsilon: float = 1e-5,
+  use_scale: bool = True,
+  stats_method: str = "shifted",
+  dtype=None,
+  param_dtype=jnp.float32,
+) -> transform.Transform:
   """Root Mean Square Layer Normalization: `y = scale * x / sqrt(mean(x²) + epsilon)`, no centering.
 
   The mean square over `reduction_axes` is formed from `normjax.moments` as `σ² + μ²`, which adds two
@@ -306,7 +384,16 @@ def rms_norm(*, reduction_axes: validation.Axes = -1, feature_axes: validation.A
   References:
     Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", arXiv:1910.07467.
   """
-  return from_config(FeatureNormConfig(kind="rms", reduction_axes=reduction_axes, feature_axes=feature_axes,
-                                       epsilon=epsilon, use_scale=use_scale,
-                                       use_bias=False, stats_method=stats_method, dtype=dtype,
-                                       param_dtype=param_dtype))
+  return from_config(
+    FeatureNormConfig(
+      kind="rms",
+      reduction_axes=reduction_axes,
+      feature_axes=feature_axes,
+      epsilon=epsilon,
+      use_scale=use_scale,
+      use_bias=False,
+      stats_method=stats_method,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+  )

@@ -52,14 +52,23 @@ def fold_batch_norm(kernel, bias, bn_params, bn_state, *, epsilon: float = 1e-5)
   out = kernel.shape[-1]
   mean, var = jnp.asarray(_get(bn_state, "mean")), jnp.asarray(_get(bn_state, "var"))
   for name, value in (("mean", mean), ("var", var)) + tuple(
-      (f"bn_params[{k!r}]", jnp.asarray(v)) for k, v in dict(bn_params).items()):
+    (f"bn_params[{k!r}]", jnp.asarray(v)) for k, v in dict(bn_params).items()
+  ):
     if value.shape != (out,):
-      raise ValueError(f"BatchNorm {name} has shape {value.shape}; folding needs ({out},), the "
-                       f"features of the preceding kernel of shape {kernel.shape} (its last axis)")
+      raise ValueError(
+        f"BatchNorm {name} has shape {value.shape}; folding needs ({out},), the "
+        f"features of the preceding kernel of shape {kernel.shape} (its last axis)"
+      )
   scale, beta = dict(bn_params).get("scale"), dict(bn_params).get("bias")
   bias = jnp.zeros((out,), kernel.dtype) if bias is None else jnp.asarray(bias)
   if bias.shape != (out,):
-    raise ValueError(f"bias has shape {bias.shape}; expected ({out},) for a kernel of shape {kernel.shape}")
-  new_kernel = normalize_lib.normalize(kernel, jnp.zeros_like(mean), var, scale, None, epsilon=epsilon)
-  new_bias = normalize_lib.normalize(bias, mean, var, scale, beta, epsilon=epsilon, dtype=kernel.dtype)
+    raise ValueError(
+      f"bias has shape {bias.shape}; expected ({out},) for a kernel of shape {kernel.shape}"
+    )
+  new_kernel = normalize_lib.normalize(
+    kernel, jnp.zeros_like(mean), var, scale, None, epsilon=epsilon
+  )
+  new_bias = normalize_lib.normalize(
+    bias, mean, var, scale, beta, epsilon=epsilon, dtype=kernel.dtype
+  )
   return new_kernel, new_bias

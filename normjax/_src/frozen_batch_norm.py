@@ -16,6 +16,7 @@ from normjax._src import validation
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FrozenBatchNormConfig:
   """Options of `frozen_batch_norm`; see there."""
+
   axis: validation.Axes = -1
   epsilon: float = 1e-5
   use_scale: bool = True
@@ -41,19 +42,28 @@ def _apply(config, params, state, x, *, training, mask=None):
   scale = frozen(params["scale"]).reshape(bshape) if config.use_scale else None
   bias = frozen(params["bias"]).reshape(bshape) if config.use_bias else None
   mean, var = (jax.lax.stop_gradient(v).reshape(bshape) for v in (state.mean, state.var))
-  y = normalize_lib.normalize(x, mean, var, scale, bias, epsilon=config.epsilon,
-                              dtype=config.dtype or x.dtype)
+  y = normalize_lib.normalize(
+    x, mean, var, scale, bias, epsilon=config.epsilon, dtype=config.dtype or x.dtype
+  )
   return y, state
 
 
 def from_config(config: FrozenBatchNormConfig) -> transform.Transform:
-  return transform.Transform(init=functools.partial(bn_lib.init_for_config, config),
-                             apply=functools.partial(_apply, config))
+  return transform.Transform(
+    init=functools.partial(bn_lib.init_for_config, config), apply=functools.partial(_apply, config)
+  )
 
 
-def frozen_batch_norm(*, axis: validation.Axes = -1, epsilon: float = 1e-5, use_scale: bool = True,
-                      use_bias: bool = True, trainable_affine: bool = True, dtype=None,
-                      param_dtype=jnp.float32) -> transform.Transform:
+def frozen_batch_norm(
+  *,
+  axis: validation.Axes = -1,
+  epsilon: float = 1e-5,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  trainable_affine: bool = True,
+  dtype=None,
+  param_dtype=jnp.float32,
+) -> transform.Transform:
   """BatchNorm with frozen running statistics: `y = scale * (x − mean) / sqrt(var + epsilon) + bias`.
 
   The running `mean` and `var` (a `BatchNormState`, so a trained `batch_norm`'s state loads unchanged)

@@ -43,6 +43,7 @@ from normjax._src import stats
 
 class _Config(NamedTuple):
   """The static (hashable) arguments of the custom_jvp."""
+
   reduce_axes: Tuple[int, ...]
   axis_name: object
   groups: object
@@ -51,9 +52,22 @@ class _Config(NamedTuple):
   dtype: object
 
 
-def normalize_training(x, mask, scale, bias, r, d, *, reduce_axes: Tuple[int, ...], axis_name=None,
-                       axis_index_groups=None, method: str = "shifted", epsilon: float, dtype=None,
-                       closed_form: bool = True):
+def normalize_training(
+  x,
+  mask,
+  scale,
+  bias,
+  r,
+  d,
+  *,
+  reduce_axes: Tuple[int, ...],
+  axis_name=None,
+  axis_index_groups=None,
+  method: str = "shifted",
+  epsilon: float,
+  dtype=None,
+  closed_form: bool = True,
+):
   """`normalize(x, mean, var, scale', bias')` for the batch's own statistics, closed-form derivative.
 
   Args:
@@ -81,7 +95,11 @@ def normalize_training(x, mask, scale, bias, r, d, *, reduce_axes: Tuple[int, ..
     True
   """
   dtype = jnp.dtype(dtype if dtype is not None else x.dtype)
-  groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+  groups = (
+    None
+    if axis_index_groups is None
+    else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+  )
   config = _Config(tuple(reduce_axes), axis_name, groups, method, float(epsilon), dtype)
   if not closed_form:
     return _forward(config, x, mask, scale, bias, r, d)
@@ -92,8 +110,14 @@ _vary_like = compat.vary_like  # version-specific shard_map typing lives in comp
 
 
 def _moments(config, x, mask):
-  return stats.moments_and_count(x, config.reduce_axes, mask=mask, axis_name=config.axis_name,
-                                 axis_index_groups=config.groups, method=config.method)
+  return stats.moments_and_count(
+    x,
+    config.reduce_axes,
+    mask=mask,
+    axis_name=config.axis_name,
+    axis_index_groups=config.groups,
+    method=config.method,
+  )
 
 
 def _effective_affine(scale, bias, r, d):
@@ -106,8 +130,9 @@ def _effective_affine(scale, bias, r, d):
 
 def _normalize(config, x, mean, var, scale, bias, r, d):
   scale_e, bias_e = _effective_affine(scale, bias, r, d)
-  return normalize_lib.normalize(x, mean, var, scale_e, bias_e, epsilon=config.epsilon,
-                                 dtype=config.dtype)
+  return normalize_lib.normalize(
+    x, mean, var, scale_e, bias_e, epsilon=config.epsilon, dtype=config.dtype
+  )
 
 
 def _forward(config, x, mask, scale, bias, r, d):
@@ -126,7 +151,9 @@ def _closed_form_jvp(config, primals, tangents):
   # x̂ from them, and higher-order derivatives see their dependence on x through this code.
   mean, var, count = _moments(config, x, mask)
   y = _normalize(config, x, mean, var, scale, bias, r, d)
-  if dx is None and dscale is None and dbias is None:  # e.g. only renorm's stop-gradient r, d traced
+  if (
+    dx is None and dscale is None and dbias is None
+  ):  # e.g. only renorm's stop-gradient r, d traced
     return y, _vary_like(x, jnp.zeros_like(y))
   tangent = jax.checkpoint(functools.partial(_tangent, config), prevent_cse=False)
   return y, tangent(x, mask, mean, var, count, scale, r, d, dx, dscale, dbias)
@@ -140,14 +167,19 @@ def _tangent(config, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias):
   negation of full-size values). XLA then computes `Σ g` and `Σ g·x̂` once for dx, dscale and dbias.
   """
   acc = stats.accumulation_dtype(x)
-  keep = tuple(1 if a in config.reduce_axes else n for a, n in enumerate(x.shape))  # per-group vectors
+  keep = tuple(
+    1 if a in config.reduce_axes else n for a, n in enumerate(x.shape)
+  )  # per-group vectors
   per_group = functools.partial(_per_group, keep=keep, dtype=acc)
   rstd = jax.lax.rsqrt(var.astype(acc) + config.epsilon)
   xhat = (x.astype(acc) - mean.astype(acc)) * rstd
   terms = []  # (per-group coefficient of 1, per-group coefficient of x̂, full-size term)
   if dx is not None:
     u = dx.astype(acc)
-    sums = (_masked_sum(u, mask, config.reduce_axes), _masked_sum(u * xhat, mask, config.reduce_axes))
+    sums = (
+      _masked_sum(u, mask, config.reduce_axes),
+      _masked_sum(u * xhat, mask, config.reduce_axes),
+    )
     t1, t2 = collectives.cross_device_sum(sums, config.axis_name, config.groups)
     factor = rstd
     if scale is not None:

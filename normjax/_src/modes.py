@@ -20,18 +20,23 @@ def check_flag(value, name: str) -> Optional[bool]:
   """
   if value is None:
     return None
-  if isinstance(value, (bool, np.bool_)) or (isinstance(value, np.ndarray) and value.shape == ()
-                                             and value.dtype == np.bool_):
+  if isinstance(value, (bool, np.bool_)) or (
+    isinstance(value, np.ndarray) and value.shape == () and value.dtype == np.bool_
+  ):
     return bool(value)
-  raise TypeError(f"{name}={value!r} must be a Python or NumPy bool (it selects the computation at "
-                  f"trace time); got a {type(value).__name__}. Pass {name}=True or {name}=False")
+  raise TypeError(
+    f"{name}={value!r} must be a Python or NumPy bool (it selects the computation at "
+    f"trace time); got a {type(value).__name__}. Pass {name}=True or {name}=False"
+  )
 
 
 def training_flag(training) -> bool:
   """The core's check: `training` must be given and be a bool."""
   if training is None:
-    raise TypeError("training=None: pass training=True (batch statistics, state updated) or "
-                    "training=False (running statistics, state unchanged)")
+    raise TypeError(
+      "training=None: pass training=True (batch statistics, state updated) or "
+      "training=False (running statistics, state unchanged)"
+    )
   return check_flag(training, "training")
 
 
@@ -44,23 +49,38 @@ def merge_linen(field, argument, training, *, layer: str = "layer") -> bool:
   field = check_flag(field, "use_running_average")
   argument = check_flag(argument, "use_running_average")
   training = check_flag(training, "training")
-  given = [name for name, value in (("the use_running_average field", field),
-                                    ("the use_running_average argument", argument),
-                                    ("training=", training)) if value is not None]
+  given = [
+    name
+    for name, value in (
+      ("the use_running_average field", field),
+      ("the use_running_average argument", argument),
+      ("training=", training),
+    )
+    if value is not None
+  ]
   if len(given) != 1:
     what = " and ".join(given) if given else "neither use_running_average nor training"
     raise ValueError(
-        f"{layer}: {what} given; exactly one of use_running_average (as a field or as a __call__ "
-        "argument, flax's merge_param semantics) and training= must decide the mode "
-        "(training = not use_running_average)")
+      f"{layer}: {what} given; exactly one of use_running_average (as a field or as a __call__ "
+      "argument, flax's merge_param semantics) and training= must decide the mode "
+      "(training = not use_running_average)"
+    )
   if training is not None:
     return training
   return not (field if field is not None else argument)
 
 
-def merge_override(attribute, argument, training, *, attribute_name: str = "use_running_average",
-                   negate_attribute: bool = True, argument_name: str = "use_running_average",
-                   negate_argument: bool = True, layer: str = "layer") -> bool:
+def merge_override(
+  attribute,
+  argument,
+  training,
+  *,
+  attribute_name: str = "use_running_average",
+  negate_attribute: bool = True,
+  argument_name: str = "use_running_average",
+  negate_argument: bool = True,
+  layer: str = "layer",
+) -> bool:
   """nnx and Equinox: a call argument (or `training=`) overrides the module's attribute.
 
   `attribute` is what `model.eval()` / `model.train()` (nnx) or `eqx.nn.inference_mode` (Equinox) set;
@@ -71,16 +91,20 @@ def merge_override(attribute, argument, training, *, attribute_name: str = "use_
   argument = check_flag(argument, argument_name)
   training = check_flag(training, "training")
   if argument is not None and training is not None:
-    raise ValueError(f"{layer}: both {argument_name}={argument} and training={training} given; "
-                     f"pass one ({argument_name} = not training)")
+    raise ValueError(
+      f"{layer}: both {argument_name}={argument} and training={training} given; "
+      f"pass one ({argument_name} = not training)"
+    )
   if training is not None:
     return training
   if argument is not None:
     return not argument if negate_argument else argument
   if attribute is not None:
     return not attribute if negate_attribute else attribute
-  raise ValueError(f"{layer}: no mode given; set {attribute_name} on the module or pass "
-                   f"{argument_name}= or training= to the call")
+  raise ValueError(
+    f"{layer}: no mode given; set {attribute_name} on the module or pass "
+    f"{argument_name}= or training= to the call"
+  )
 
 
 def stats_method_from_flax(use_fast_variance: Optional[bool], stats_method: str) -> str:
@@ -94,6 +118,8 @@ def stats_method_from_flax(use_fast_variance: Optional[bool], stats_method: str)
   flag = check_flag(use_fast_variance, "use_fast_variance")
   method = "fast" if flag else "two_pass"
   if stats_method not in ("shifted", method):
-    raise ValueError(f"use_fast_variance={flag} asks for stats_method={method!r} but "
-                     f"stats_method={stats_method!r} is given too; give one of them")
+    raise ValueError(
+      f"use_fast_variance={flag} asks for stats_method={method!r} but "
+      f"stats_method={stats_method!r} is given too; give one of them"
+    )
   return method

@@ -6,8 +6,16 @@ import jax
 import jax.numpy as jnp
 
 
-def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: Optional[jax.Array],
-              bias: Optional[jax.Array], *, epsilon: float, dtype=None) -> jax.Array:
+def normalize(
+  x: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  scale: Optional[jax.Array],
+  bias: Optional[jax.Array],
+  *,
+  epsilon: float,
+  dtype=None,
+) -> jax.Array:
   """`(x - mean) * scale / sqrt(var + epsilon) + bias`, computed in float32 (float64 for float64 `x`),
   returned in `dtype`.
 

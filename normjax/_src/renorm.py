@@ -14,12 +14,18 @@ ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
 
 class RenormClipping(NamedTuple):
   """`r_max` and `d_max` as numbers or optax-style schedules of the BatchNorm step count."""
+
   r_max: ScalarOrSchedule
   d_max: ScalarOrSchedule
 
 
-def paper_schedule(warmup_steps: int = 5000, r_max_end: float = 3.0, r_max_steps: int = 40000,
-                   d_max_end: float = 5.0, d_max_steps: int = 25000) -> RenormClipping:
+def paper_schedule(
+  warmup_steps: int = 5000,
+  r_max_end: float = 3.0,
+  r_max_steps: int = 40000,
+  d_max_end: float = 5.0,
+  d_max_steps: int = 25000,
+) -> RenormClipping:
   """The clipping schedule of Ioffe 2017 §4: plain BN for `warmup_steps`, then linear relaxation.
 
   `r_max` is 1 for the first 5k steps and grows linearly to 3 at step 40k; `d_max` is 0 for 5k steps and
@@ -32,8 +38,9 @@ def paper_schedule(warmup_steps: int = 5000, r_max_end: float = 3.0, r_max_steps
     (1.0, 5.0)
   """
   return RenormClipping(
-      r_max=optax.linear_schedule(1.0, r_max_end, r_max_steps - warmup_steps, warmup_steps),
-      d_max=optax.linear_schedule(0.0, d_max_end, d_max_steps - warmup_steps, warmup_steps))
+    r_max=optax.linear_schedule(1.0, r_max_end, r_max_steps - warmup_steps, warmup_steps),
+    d_max=optax.linear_schedule(0.0, d_max_end, d_max_steps - warmup_steps, warmup_steps),
+  )
 
 
 def check_clipping(r_max: ScalarOrSchedule, d_max: ScalarOrSchedule) -> None:
@@ -51,8 +58,17 @@ def _value(value: ScalarOrSchedule, step: jax.Array) -> jax.Array:
   return jnp.asarray(value(step) if callable(value) else value, jnp.float32)
 
 
-def corrections(batch_mean, batch_var, running_mean, running_var, step, *, r_max: ScalarOrSchedule,
-                d_max: ScalarOrSchedule, epsilon: float):
+def corrections(
+  batch_mean,
+  batch_var,
+  running_mean,
+  running_var,
+  step,
+  *,
+  r_max: ScalarOrSchedule,
+  d_max: ScalarOrSchedule,
+  epsilon: float,
+):
   """`r = clip(σ_B/σ, 1/r_max, r_max)` and `d = clip((μ_B−μ)/σ, −d_max, d_max)`, without gradient.
 
   σ_B = sqrt(batch_var + ε) and σ = sqrt(running_var + ε), the moving σ of Algorithm 1 (the running
@@ -67,8 +83,15 @@ def corrections(batch_mean, batch_var, running_mean, running_var, step, *, r_max
   return jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
 
 
-def running_var_update(old_var: jax.Array, batch_var: jax.Array, count: jax.Array, *,
-                       momentum: Optional[float], debias: bool, epsilon: float) -> jax.Array:
+def running_var_update(
+  old_var: jax.Array,
+  batch_var: jax.Array,
+  count: jax.Array,
+  *,
+  momentum: Optional[float],
+  debias: bool,
+  epsilon: float,
+) -> jax.Array:
   """The running variance after one batch, with the moving average taken of σ, not of σ².
 
   Ioffe 2017, Algorithm 1, keeps moving averages of μ_B and of σ_B = sqrt(σ²_B + ε):

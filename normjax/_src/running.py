@@ -33,11 +33,12 @@ def debiased_ema(old: jax.Array, new: jax.Array, momentum: float, count: jax.Arr
   steps = count.astype(jnp.float32)
   hidden = old * (1.0 - momentum**steps)
   hidden = momentum * hidden + (1.0 - momentum) * new
-  return hidden / (1.0 - momentum**(steps + 1.0))
+  return hidden / (1.0 - momentum ** (steps + 1.0))
 
 
-def update(old: jax.Array, new: jax.Array, count: jax.Array, *, momentum: Optional[float],
-           debias: bool) -> jax.Array:
+def update(
+  old: jax.Array, new: jax.Array, count: jax.Array, *, momentum: Optional[float], debias: bool
+) -> jax.Array:
   """Dispatches to the update chosen by (`momentum`, `debias`)."""
   if momentum is None:
     return cumulative_average(old, new, count)
@@ -46,8 +47,9 @@ def update(old: jax.Array, new: jax.Array, count: jax.Array, *, momentum: Option
   return ema(old, new, momentum)
 
 
-def select_finite(old: Tuple[jax.Array, ...], new: Tuple[jax.Array, ...],
-                  valid: jax.Array) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
+def select_finite(
+  old: Tuple[jax.Array, ...], new: Tuple[jax.Array, ...], valid: jax.Array
+) -> Tuple[Tuple[jax.Array, ...], jax.Array]:
   """Per feature, the `new` running values where `valid` and all of them finite; the `old` ones elsewhere.
 
   This is what keeps running statistics from being poisoned by one batch: a feature with no valid element

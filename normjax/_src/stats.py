@@ -37,14 +37,16 @@ METHODS = ("shifted", "two_pass", "fast")
 _PROBE_LENGTH = 64
 
 
-def moments(x: jax.Array,
-            axes: validation.Axes,
-            *,
-            mask: Optional[jax.Array] = None,
-            axis_name=None,
-            axis_index_groups: collectives.AxisIndexGroups = None,
-            method: str = "shifted",
-            keepdims: bool = False) -> Tuple[jax.Array, jax.Array]:
+def moments(
+  x: jax.Array,
+  axes: validation.Axes,
+  *,
+  mask: Optional[jax.Array] = None,
+  axis_name=None,
+  axis_index_groups: collectives.AxisIndexGroups = None,
+  method: str = "shifted",
+  keepdims: bool = False,
+) -> Tuple[jax.Array, jax.Array]:
   """Mean and biased variance of `x` over `axes`, in float32 (float64 for float64 `x`).
 
   Args:
@@ -84,14 +86,17 @@ def moments(x: jax.Array,
   if axis_name is None and axis_index_groups is not None:
     raise ValueError("axis_index_groups needs axis_name to be set")
   collectives.check_axis_index_groups(axis_index_groups)
-  mean, var, _ = moments_and_count(x, axes, mask=mask, axis_name=axis_name,
-                                   axis_index_groups=axis_index_groups, method=method)
+  mean, var, _ = moments_and_count(
+    x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, method=method
+  )
   if not keepdims:
     mean, var = jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
   return mean, var
 
 
-def moments_and_count(x, axes, *, mask=None, axis_name=None, axis_index_groups=None, method="shifted"):
+def moments_and_count(
+  x, axes, *, mask=None, axis_name=None, axis_index_groups=None, method="shifted"
+):
   """Like `moments` with keepdims=True and checked arguments, also returning the float32 valid count."""
   mask = validation.prepare_mask(mask, x.shape)
   count = _count(x.shape, axes, mask)
@@ -137,8 +142,10 @@ def _safe_divide(numerator, count):
 
 def _probe_shift(x, axes, mask):
   """Mean of at most 64 valid elements along the first reduced axis: the shift K (no gradient)."""
-  index = tuple(slice(0, _PROBE_LENGTH) if a == axes[0] else (slice(0, 1) if a in axes else slice(None))
-                for a in range(x.ndim))
+  index = tuple(
+    slice(0, _PROBE_LENGTH) if a == axes[0] else (slice(0, 1) if a in axes else slice(None))
+    for a in range(x.ndim)
+  )
   probe = _acc(x[index])
   probe_mask = None
   if mask is not None:
@@ -197,7 +204,9 @@ def merge_moments(count_a, mean_a, var_a, count_b, mean_b, var_b):
   count = count_a + count_b
   delta = mean_b - mean_a
   mean = mean_a + _safe_divide(count_b * delta, count)
-  spread = count_a * var_a + count_b * var_b + _safe_divide(count_a * count_b * delta * delta, count)
+  spread = (
+    count_a * var_a + count_b * var_b + _safe_divide(count_a * count_b * delta * delta, count)
+  )
   return count, mean, _safe_divide(spread, count)
 
 

@@ -13,6 +13,7 @@ class Transform(NamedTuple):
     apply: `apply(params, state, x, *, training, mask=None) -> (y, new_state)`; `training` is
       keyword-only and has no default.
   """
+
   init: Callable[..., Any]
   apply: Callable[..., Any]
 

@@ -24,8 +24,9 @@ def normalize_axes(axes: Axes, ndim: int, name: str) -> Tuple[int, ...]:
       raise TypeError(f"{name}={axes!r} must be an int or a sequence of ints")
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"{name}={axes!r} is out of range for an input of rank {ndim}: "
-          f"each axis must lie in [{-ndim}, {ndim - 1}]")
+        f"{name}={axes!r} is out of range for an input of rank {ndim}: "
+        f"each axis must lie in [{-ndim}, {ndim - 1}]"
+      )
     out.append(int(a) % ndim)
   if len(set(out)) != len(out):
     raise ValueError(f"{name}={axes!r} repeats an axis")
@@ -37,8 +38,9 @@ def check_float_input(x, name: str = "x") -> None:
   dtype = jnp.result_type(x)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
-        f"{name} has dtype {dtype}; normalization needs a floating-point input "
-        f"(float32, bfloat16, float16 or float64). Cast it first, e.g. x.astype(jnp.float32)")
+      f"{name} has dtype {dtype}; normalization needs a floating-point input "
+      f"(float32, bfloat16, float16 or float64). Cast it first, e.g. x.astype(jnp.float32)"
+    )
 
 
 def prepare_mask(mask, shape: Tuple[int, ...], name: str = "mask"):
@@ -61,19 +63,23 @@ def prepare_mask(mask, shape: Tuple[int, ...], name: str = "mask"):
   if mask.ndim == 1 and len(shape) > 1:
     if mask.shape[0] != shape[0]:
       raise ValueError(
-          f"{name} of shape {mask.shape} does not broadcast to x of shape {shape}: a 1-D mask is one "
-          f"flag per example along axis 0 and needs shape ({shape[0]},); otherwise give the mask x's "
-          f"rank {len(shape)}")
+        f"{name} of shape {mask.shape} does not broadcast to x of shape {shape}: a 1-D mask is one "
+        f"flag per example along axis 0 and needs shape ({shape[0]},); otherwise give the mask x's "
+        f"rank {len(shape)}"
+      )
     return mask.reshape(shape[:1] + (1,) * (len(shape) - 1))
   if mask.ndim != len(shape):
     raise ValueError(
-        f"{name} of shape {mask.shape} does not broadcast to x of shape {shape}: a mask needs x's "
-        f"rank {len(shape)} (each dimension 1 or x's), or is 1-D of shape {shape[:1]} (one flag per "
-        "example along axis 0); masks are not right-aligned")
+      f"{name} of shape {mask.shape} does not broadcast to x of shape {shape}: a mask needs x's "
+      f"rank {len(shape)} (each dimension 1 or x's), or is 1-D of shape {shape[:1]} (one flag per "
+      "example along axis 0); masks are not right-aligned"
+    )
   for m, s in zip(mask.shape, shape):
     if m not in (1, s):
-      raise ValueError(f"{name} of shape {mask.shape} does not broadcast to x of shape {shape}: each "
-                       "dimension must be 1 or x's")
+      raise ValueError(
+        f"{name} of shape {mask.shape} does not broadcast to x of shape {shape}: each "
+        "dimension must be 1 or x's"
+      )
   return mask
 
 
@@ -84,7 +90,11 @@ def is_real_scalar(value) -> bool:
   if isinstance(value, (int, float, np.integer, np.floating)):
     return True
   shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-  if shape != () or dtype is None or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+  if (
+    shape != ()
+    or dtype is None
+    or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating))
+  ):
     return False
   try:
     float(value)  # a tracer cannot be checked at construction time
@@ -98,8 +108,9 @@ def check_momentum(momentum: Optional[float]) -> None:
     return
   if not (is_real_scalar(momentum) and 0.0 <= float(momentum) < 1.0):
     raise ValueError(
-        f"momentum={momentum!r} must be a number in [0, 1) (the weight of the old running value), "
-        "or None for a cumulative average")
+      f"momentum={momentum!r} must be a number in [0, 1) (the weight of the old running value), "
+      "or None for a cumulative average"
+    )
 
 
 def check_positive(value, name: str) -> None:
@@ -112,5 +123,6 @@ def check_array(value, expected_shape, expected_dtype, name: str) -> None:
   shape, dtype = tuple(jnp.shape(value)), jnp.result_type(value)
   if shape != tuple(expected_shape) or dtype != jnp.dtype(expected_dtype):
     raise ValueError(
-        f"{name} has shape {shape} and dtype {dtype}; expected shape {tuple(expected_shape)} "
-        f"and dtype {jnp.dtype(expected_dtype)} to match x")
+      f"{name} has shape {shape} and dtype {dtype}; expected shape {tuple(expected_shape)} "
+      f"and dtype {jnp.dtype(expected_dtype)} to match x"
+    )

@@ -16,6 +16,7 @@ from normjax._src import validation
 
 class VirtualBatchNormState(NamedTuple):
   """Statistics of the fixed reference batch (float32)."""
+
   mean: jax.Array  # f32[*feature_shape]: reference mean
   var: jax.Array  # f32[*feature_shape]: reference biased variance
   count: jax.Array  # f32[*feature_shape]: number of reference elements per feature
@@ -24,6 +25,7 @@ class VirtualBatchNormState(NamedTuple):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VirtualBatchNormConfig:
   """Options of `virtual_batch_norm`, validated at construction; see there."""
+
   axis: validation.Axes = -1
   epsilon: float = 1e-5
   use_scale: bool = True
@@ -41,8 +43,10 @@ class VirtualBatchNormConfig:
 def _feature_layout(config, ndim):
   axes = validation.normalize_axes(config.axis, ndim, "axis")
   if 0 in axes:
-    raise ValueError(f"axis={config.axis!r} includes the batch axis 0; virtual BN normalizes each "
-                     "example of axis 0 with the reference batch")
+    raise ValueError(
+      f"axis={config.axis!r} includes the batch axis 0; virtual BN normalizes each "
+      "example of axis 0 with the reference batch"
+    )
   return axes
 
 
@@ -51,12 +55,19 @@ def _init(config, reference, *, mask=None):
   reference = jnp.asarray(reference)
   axes = _feature_layout(config, reference.ndim)
   reduce_axes = tuple(a for a in range(reference.ndim) if a not in axes)
-  mean, var, count = stats.moments_and_count(reference, reduce_axes, mask=mask,
-                                             method=config.stats_method)
+  mean, var, count = stats.moments_and_count(
+    reference, reduce_axes, mask=mask, method=config.stats_method
+  )
   feature_shape = tuple(reference.shape[a] for a in axes)
-  params, _ = bn_lib.init_variables(feature_shape, use_scale=config.use_scale,
-                                    use_bias=config.use_bias, param_dtype=config.param_dtype)
-  state = VirtualBatchNormState(*(v.reshape(feature_shape).astype(jnp.float32) for v in (mean, var, count)))
+  params, _ = bn_lib.init_variables(
+    feature_shape,
+    use_scale=config.use_scale,
+    use_bias=config.use_bias,
+    param_dtype=config.param_dtype,
+  )
+  state = VirtualBatchNormState(
+    *(v.reshape(feature_shape).astype(jnp.float32) for v in (mean, var, count))
+  )
   return params, state
 
 
@@ -71,20 +82,35 @@ def _apply(config, params, state, x, *, training, mask=None):
     validation.check_array(value, feature_shape, dtype, name)
   bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
   reduce_axes = tuple(a for a in range(1, x.ndim) if a not in axes)
-  mean_x, var_x, count_x = stats.moments_and_count(x, reduce_axes, mask=mask,
-                                                   method=config.stats_method)
-  _, mean, var = stats.merge_moments(state.count.reshape(bshape), state.mean.reshape(bshape),
-                                     state.var.reshape(bshape), count_x, mean_x, var_x)
+  mean_x, var_x, count_x = stats.moments_and_count(
+    x, reduce_axes, mask=mask, method=config.stats_method
+  )
+  _, mean, var = stats.merge_moments(
+    state.count.reshape(bshape),
+    state.mean.reshape(bshape),
+    state.var.reshape(bshape),
+    count_x,
+    mean_x,
+    var_x,
+  )
   scale = params["scale"].reshape(bshape) if config.use_scale else None
   bias = params["bias"].reshape(bshape) if config.use_bias else None
-  y = normalize_lib.normalize(x, mean, var, scale, bias, epsilon=config.epsilon,
-                              dtype=config.dtype or x.dtype)
+  y = normalize_lib.normalize(
+    x, mean, var, scale, bias, epsilon=config.epsilon, dtype=config.dtype or x.dtype
+  )
   return y, state
 
 
-def virtual_batch_norm(*, axis: validation.Axes = -1, epsilon: float = 1e-5, use_scale: bool = True,
-                       use_bias: bool = True, stats_method: str = "shifted", dtype=None,
-                       param_dtype=jnp.float32) -> transform.Transform:
+def virtual_batch_norm(
+  *,
+  axis: validation.Axes = -1,
+  epsilon: float = 1e-5,
+  use_scale: bool = True,
+  use_bias: bool = True,
+  stats_method: str = "shifted",
+  dtype=None,
+  param_dtype=jnp.float32,
+) -> transform.Transform:
   """Reference-batch virtual BN: each example is normalized with the statistics of the reference batch
   together with that example, so an example's output does not depend on the rest of its batch.
 
@@ -111,5 +137,6 @@ def virtual_batch_norm(*, axis: validation.Axes = -1, epsilon: float = 1e-5, use
 
 def from_config(config: "VirtualBatchNormConfig") -> transform.Transform:
   """The virtual BatchNorm `Transform` for a validated `VirtualBatchNormConfig` (used by the faces)."""
-  return transform.Transform(init=functools.partial(_init, config),
-                             apply=functools.partial(_apply, config))
+  return transform.Transform(
+    init=functools.partial(_init, config), apply=functools.partial(_apply, config)
+  )

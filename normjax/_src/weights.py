@@ -27,20 +27,26 @@ class WeightTransform(NamedTuple):
     init: `init(kernel, key=None) -> (params, state)`.
     apply: `apply(params, state, *, training) -> (kernel, new_state)`.
   """
+
   init: Callable[..., Any]
   apply: Callable[..., Any]
 
 
 class SpectralNormState(NamedTuple):
   """Power-iteration state of spectral normalization (float32)."""
-  u: jax.Array  # f32[out]: estimate of the leading left singular vector of W (out × fan_in), unit norm
+
+  u: (
+    jax.Array
+  )  # f32[out]: estimate of the leading left singular vector of W (out × fan_in), unit norm
   sigma: jax.Array  # f32[]: estimate of the largest singular value at the last training step
 
 
 def _fan_in_axes(kernel_shape, axis):
   (out,) = validation.normalize_axes(axis, len(kernel_shape), "axis")
   if len(kernel_shape) < 2:
-    raise ValueError(f"kernel of shape {tuple(kernel_shape)} must have rank >= 2 (fan-in and outputs)")
+    raise ValueError(
+      f"kernel of shape {tuple(kernel_shape)} must have rank >= 2 (fan-in and outputs)"
+    )
   return out, tuple(a for a in range(len(kernel_shape)) if a != out)
 
 
@@ -66,8 +72,10 @@ def _wn_apply(axis, epsilon, params, state, *, training):
   v, g = params["v"], params["g"]
   out, fan_in = _fan_in_axes(v.shape, axis)
   if g.shape != (v.shape[out],):
-    raise ValueError(f"params['g'] has shape {g.shape}; expected ({v.shape[out]},) for v of shape "
-                     f"{v.shape} with outputs on axis {axis}")
+    raise ValueError(
+      f"params['g'] has shape {g.shape}; expected ({v.shape[out]},) for v of shape "
+      f"{v.shape} with outputs on axis {axis}"
+    )
   bshape = tuple(v.shape[out] if a == out else 1 for a in range(v.ndim))
   w = v * (g.reshape(bshape) / _norms(v, fan_in, epsilon)).astype(v.dtype)
   return w, state
@@ -103,8 +111,9 @@ def weight_norm(*, axis: int = -1, epsilon: float = 1e-12) -> WeightTransform:
     Salimans & Kingma 2016, "Weight Normalization", arXiv:1602.07868.
   """
   validation.check_positive(epsilon, "epsilon")
-  return WeightTransform(functools.partial(_wn_init, axis, epsilon),
-                         functools.partial(_wn_apply, axis, epsilon))
+  return WeightTransform(
+    functools.partial(_wn_init, axis, epsilon), functools.partial(_wn_apply, axis, epsilon)
+  )
 
 
 def weight_norm_data_init(params, y, *, epsilon: float = 1e-5, init_scale: float = 1.0):
@@ -141,8 +150,9 @@ def weight_norm_data_init(params, y, *, epsilon: float = 1e-5, init_scale: float
   g = params["g"]
   y = jnp.asarray(y)
   if y.shape[-1] != g.shape[0]:
-    raise ValueError(f"y has {y.shape[-1]} features on its last axis; expected {g.shape[0]} (the "
-                     "layer's outputs)")
+    raise ValueError(
+      f"y has {y.shape[-1]} features on its last axis; expected {g.shape[0]} (the layer's outputs)"
+    )
   g_acc = g.astype(stats.accumulation_dtype(y))
   t = y / g_acc
   mean, var = stats.moments(t, tuple(range(t.ndim - 1)))
@@ -204,8 +214,9 @@ def weight_standardization(*, axis: int = -1, epsilon: float = 1e-5) -> WeightTr
     Standardization", arXiv:1903.10520.
   """
   validation.check_positive(epsilon, "epsilon")
-  return WeightTransform(functools.partial(_ws_init, axis, epsilon),
-                         functools.partial(_ws_apply, axis, epsilon))
+  return WeightTransform(
+    functools.partial(_ws_init, axis, epsilon), functools.partial(_ws_apply, axis, epsilon)
+  )
 
 
 # ------------------------------------------------------------------------------- spectral norm
@@ -254,13 +265,15 @@ def _sn_apply(config, params, state, *, training):
   w_sn = (kernel / sigma.astype(kernel.dtype)).astype(kernel.dtype)
   if not training:
     return w_sn, state
-  new_state = SpectralNormState(jax.lax.stop_gradient(u).astype(jnp.float32),
-                                jax.lax.stop_gradient(sigma).astype(jnp.float32))
+  new_state = SpectralNormState(
+    jax.lax.stop_gradient(u).astype(jnp.float32), jax.lax.stop_gradient(sigma).astype(jnp.float32)
+  )
   return w_sn, new_state
 
 
-def spectral_norm(*, axis: int = -1, n_power_iterations: int = 1,
-                  epsilon: float = 1e-12) -> WeightTransform:
+def spectral_norm(
+  *, axis: int = -1, n_power_iterations: int = 1, epsilon: float = 1e-12
+) -> WeightTransform:
   """Spectral normalization: `W_SN = W / σ(W)`, σ estimated by power iteration.
 
   The kernel is viewed as the matrix `W` of shape (out, fan_in). The state holds the power-iteration
@@ -290,8 +303,11 @@ def spectral_norm(*, axis: int = -1, n_power_iterations: int = 1,
   References:
     Miyato et al. 2018, "Spectral Normalization for Generative Adversarial Networks", arXiv:1802.05957.
   """
-  if not isinstance(n_power_iterations, int) or isinstance(n_power_iterations, bool) \
-      or n_power_iterations < 1:
+  if (
+    not isinstance(n_power_iterations, int)
+    or isinstance(n_power_iterations, bool)
+    or n_power_iterations < 1
+  ):
     raise ValueError(f"n_power_iterations={n_power_iterations!r} must be an int >= 1")
   validation.check_positive(epsilon, "epsilon")
   config = _SpectralConfig(axis, n_power_iterations, epsilon)

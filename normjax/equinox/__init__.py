@@ -5,6 +5,7 @@ call (batches go through `jax.vmap`, with an `axis_name` for BatchNorm), keep Ba
 statistics in an `eqx.nn.State` (`eqx.nn.make_with_state` works) and follow `eqx.nn.inference_mode`.
 Needs `equinox` (an optional dependency).
 """
+
 from normjax.equinox._batch_norm import BatchNorm
 from normjax.equinox._feature_norms import GroupNorm
 from normjax.equinox._feature_norms import InstanceNorm

@@ -30,13 +30,17 @@ _LAYER = "normjax.equinox.BatchNorm"
 # BatchNormConfig fields spoken under Equinox's names here (normjax option -> this layer's argument).
 RENAMED_OPTIONS = {"epsilon": "eps", "param_dtype": "dtype", "dtype": "output_dtype"}
 # BatchNormConfig fields fixed by Equinox's layout (normjax option -> why).
-FIXED_OPTIONS = {"axis": "the channel axis is axis 0 of each example (Equinox's layout: input_size "
-                         "channels first); the core sees the example as a batch of one, channels on "
-                         "axis 1"}
+FIXED_OPTIONS = {
+  "axis": "the channel axis is axis 0 of each example (Equinox's layout: input_size "
+  "channels first); the core sees the example as a batch of one, channels on "
+  "axis 1"
+}
 # BatchNormConfig fields that are named arguments of the constructor.
 NAMED_OPTIONS = ("momentum", "axis_name")
-REFUSED_MODES = {"ema": "Equinox's mode='ema' normalizes training batches with the running averages",
-                 "legacy": "Equinox's mode='legacy' is its mode='ema'"}
+REFUSED_MODES = {
+  "ema": "Equinox's mode='ema' normalizes training batches with the running averages",
+  "legacy": "Equinox's mode='legacy' is its mode='ema'",
+}
 
 
 def default_floating_dtype():
@@ -47,48 +51,65 @@ def default_floating_dtype():
 def passthrough_options():
   """The `BatchNormConfig` fields this layer takes as normjax keyword options, under their own names."""
   names = (f.name for f in dataclasses.fields(bn_lib.BatchNormConfig))
-  return tuple(n for n in names if n not in RENAMED_OPTIONS and n not in FIXED_OPTIONS
-               and n not in NAMED_OPTIONS)
+  return tuple(
+    n
+    for n in names
+    if n not in RENAMED_OPTIONS and n not in FIXED_OPTIONS and n not in NAMED_OPTIONS
+  )
 
 
 def _check_options(options):
   allowed = passthrough_options()
   for name in options:
     if name in RENAMED_OPTIONS:
-      raise TypeError(f"{_LAYER}: normjax's option {name}= is spelt {RENAMED_OPTIONS[name]}= here "
-                      f"(Equinox's name; got {name}={options[name]!r})")
+      raise TypeError(
+        f"{_LAYER}: normjax's option {name}= is spelt {RENAMED_OPTIONS[name]}= here "
+        f"(Equinox's name; got {name}={options[name]!r})"
+      )
     if name in FIXED_OPTIONS:
       raise TypeError(f"{_LAYER}: {name}={options[name]!r} cannot be set: {FIXED_OPTIONS[name]}")
     if name not in allowed:
-      raise TypeError(f"{_LAYER}: unknown option {name}={options[name]!r}; expected Equinox's arguments "
-                      "(input_size, axis_name, eps, channelwise_affine, momentum, inference, dtype, "
-                      f"mode), output_dtype, or normjax's options {list(allowed)}")
+      raise TypeError(
+        f"{_LAYER}: unknown option {name}={options[name]!r}; expected Equinox's arguments "
+        "(input_size, axis_name, eps, channelwise_affine, momentum, inference, dtype, "
+        f"mode), output_dtype, or normjax's options {list(allowed)}"
+      )
 
 
 def _check_mode(mode, options, momentum):
   if mode is None:
     return
   if mode in REFUSED_MODES:
-    raise ValueError(f"{_LAYER}: mode={mode!r} is not supported ({REFUSED_MODES[mode]}); use "
-                     "mode='batch' for Equinox's mode='batch' numbers, or leave mode=None for "
-                     "normjax's semantics")
+    raise ValueError(
+      f"{_LAYER}: mode={mode!r} is not supported ({REFUSED_MODES[mode]}); use "
+      "mode='batch' for Equinox's mode='batch' numbers, or leave mode=None for "
+      "normjax's semantics"
+    )
   if mode != "batch":
-    raise ValueError(f"{_LAYER}: mode={mode!r} must be 'batch' (Equinox's mode='batch') or None "
-                     "(normjax's semantics)")
+    raise ValueError(
+      f"{_LAYER}: mode={mode!r} must be 'batch' (Equinox's mode='batch') or None "
+      "(normjax's semantics)"
+    )
   if momentum is None:
-    raise ValueError(f"{_LAYER}: mode='batch' keeps Equinox's zero-debiased EMA and needs a momentum "
-                     "in [0, 1); got momentum=None (for a cumulative average use mode=None)")
+    raise ValueError(
+      f"{_LAYER}: mode='batch' keeps Equinox's zero-debiased EMA and needs a momentum "
+      "in [0, 1); got momentum=None (for a cumulative average use mode=None)"
+    )
   for name in ("debias", "renorm"):
     if options.get(name):
-      raise ValueError(f"{_LAYER}: mode='batch' stores Equinox's hidden (not yet debiased) EMA, which "
-                       f"{name}=True cannot use; got {name}=True. Use mode=None (normjax's "
-                       "semantics) for it")
+      raise ValueError(
+        f"{_LAYER}: mode='batch' stores Equinox's hidden (not yet debiased) EMA, which "
+        f"{name}=True cannot use; got {name}=True. Use mode=None (normjax's "
+        "semantics) for it"
+      )
 
 
 def _check_input_size(input_size):
   if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
-    raise ValueError(f"{_LAYER}: input_size={input_size!r} must be a positive int (the number of "
-                     "channels, axis 0 of each example)")
+    raise ValueError(
+      f"{_LAYER}: input_size={input_size!r} must be a positive int (the number of "
+      "channels, axis 0 of each example)"
+    )
 
 
 def _check_bool(value, name):
@@ -98,9 +119,11 @@ def _check_bool(value, name):
 
 def _axis_name_tuple(axis_name):
   if axis_name is None:
-    raise ValueError(f"{_LAYER}: axis_name=None; the layer normalizes one example per call, so give "
-                     "the name of the vmapped batch axis, e.g. jax.vmap(model, axis_name='batch', "
-                     "in_axes=(0, None), out_axes=(0, None)) with BatchNorm(C, 'batch')")
+    raise ValueError(
+      f"{_LAYER}: axis_name=None; the layer normalizes one example per call, so give "
+      "the name of the vmapped batch axis, e.g. jax.vmap(model, axis_name='batch', "
+      "in_axes=(0, None), out_axes=(0, None)) with BatchNorm(C, 'batch')"
+    )
   if isinstance(axis_name, list):
     return tuple(axis_name)
   return axis_name
@@ -110,10 +133,12 @@ def _bound_axis_size(axis_name) -> int:
   try:
     return int(jax.lax.axis_size(axis_name))
   except NameError as error:
-    raise NameError(f"{_LAYER}: axis_name={axis_name!r} is not bound. Equinox layers see one example "
-                    f"per call: train under jax.vmap(model, axis_name={axis_name!r}, in_axes=(0, None), "
-                    "out_axes=(0, None)) (or pmap / shard_map with that axis name), or use "
-                    "inference=True") from error
+    raise NameError(
+      f"{_LAYER}: axis_name={axis_name!r} is not bound. Equinox layers see one example "
+      f"per call: train under jax.vmap(model, axis_name={axis_name!r}, in_axes=(0, None), "
+      "out_axes=(0, None)) (or pmap / shard_map with that axis name), or use "
+      "inference=True"
+    ) from error
 
 
 def ghost_groups(axis_size: int, ghost_batch_size: int, grouping: str):
@@ -128,8 +153,10 @@ def ghost_groups(axis_size: int, ghost_batch_size: int, grouping: str):
   """
   g = ghost_batch_size
   if axis_size % g:
-    raise ValueError(f"{_LAYER}: ghost_batch_size={g} must divide the batch size {axis_size} (the size "
-                     "of the vmapped axis)")
+    raise ValueError(
+      f"{_LAYER}: ghost_batch_size={g} must divide the batch size {axis_size} (the size "
+      "of the vmapped axis)"
+    )
   count = axis_size // g
   if grouping == "strided":
     return tuple(tuple(j + t * count for t in range(g)) for j in range(count))
@@ -169,7 +196,8 @@ def grouped_running_update(config, state, group_moments, count, axis_name):
   mean, var, _ = bn_lib.running_targets(config, mean, var, total)
   count = count.reshape(mean.shape)
   total, weighted_mean, weighted_var = collectives.cross_device_sum(
-      (count, count * mean, count * var), axis_name)
+    (count, count * mean, count * var), axis_name
+  )
   batch_mean = weighted_mean / jnp.maximum(total, 1.0)
   batch_var = weighted_var / jnp.maximum(total, 1.0)
   if config.check_finite:
@@ -178,7 +206,9 @@ def grouped_running_update(config, state, group_moments, count, axis_name):
   return bn_lib.updated_state(config, state, batch_mean, batch_var, total)
 
 
-def batch_mode_evaluation_state(state: bn_lib.BatchNormState, momentum: float) -> bn_lib.BatchNormState:
+def batch_mode_evaluation_state(
+  state: bn_lib.BatchNormState, momentum: float
+) -> bn_lib.BatchNormState:
   """Equinox's `mode="batch"` inference statistics from its hidden EMA (started at mean 0, var 1).
 
   Equinox divides both hidden averages by `1 − momentum**t` after t updates (by 1 before any): the mean
@@ -186,7 +216,7 @@ def batch_mode_evaluation_state(state: bn_lib.BatchNormState, momentum: float) -
   its start at 1.
   """
   steps = state.count
-  scale = jnp.where(steps == 0, 1.0, 1.0 - momentum**steps.astype(jnp.float32))
+  scale = jnp.where(steps == 0, 1.0, 1.0 - momentum ** steps.astype(jnp.float32))
   return bn_lib.BatchNormState(state.mean / scale, state.var / scale, state.count)
 
 
@@ -243,6 +273,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     Ioffe & Szegedy 2015, arXiv:1502.03167; Hoffer et al. 2017, arXiv:1705.08741 (ghost BN);
     Ioffe 2017, arXiv:1702.03275 (Batch Renormalization).
   """
+
   weight: Optional[jax.Array]
   bias: Optional[jax.Array]
   state_index: eqx.nn.StateIndex
@@ -252,10 +283,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
   channelwise_affine: bool = eqx.field(static=True)
   config: bn_lib.BatchNormConfig = eqx.field(static=True)
 
-  def __init__(self, input_size: int, axis_name: Union[Hashable, Sequence[Hashable]], eps: float = 1e-5,
-               channelwise_affine: bool = True, momentum: Optional[float] = 0.99,
-               inference: Optional[bool] = False, dtype=None, mode: Optional[str] = None, *,
-               output_dtype=None, **options):
+  def __init__(
+    self,
+    input_size: int,
+    axis_name: Union[Hashable, Sequence[Hashable]],
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    momentum: Optional[float] = 0.99,
+    inference: Optional[bool] = False,
+    dtype=None,
+    mode: Optional[str] = None,
+    *,
+    output_dtype=None,
+    **options,
+  ):
     """Builds the layer; see the class docstring.
 
     Args:
@@ -283,16 +324,28 @@ class BatchNorm(eqx.nn.StatefulLayer):
     _check_mode(mode, options, momentum)
     modes.check_flag(inference, "inference")
     if options.get("ghost_batch_size") is not None and options.get("axis_index_groups") is not None:
-      raise ValueError(f"{_LAYER}: ghost_batch_size={options['ghost_batch_size']} and axis_index_groups="
-                       f"{options['axis_index_groups']!r} both partition the vmapped batch axis; "
-                       "give one")
+      raise ValueError(
+        f"{_LAYER}: ghost_batch_size={options['ghost_batch_size']} and axis_index_groups="
+        f"{options['axis_index_groups']!r} both partition the vmapped batch axis; "
+        "give one"
+      )
     param_dtype = default_floating_dtype() if dtype is None else jnp.dtype(dtype)
     options = {"use_scale": channelwise_affine, "use_bias": channelwise_affine, **options}
     self.config = bn_lib.BatchNormConfig(
-        axis=1, momentum=momentum, epsilon=eps, axis_name=_axis_name_tuple(axis_name),
-        dtype=output_dtype, param_dtype=param_dtype, **options)
-    params, state = bn_lib.init_variables((input_size,), use_scale=self.config.use_scale,
-                                          use_bias=self.config.use_bias, param_dtype=param_dtype)
+      axis=1,
+      momentum=momentum,
+      epsilon=eps,
+      axis_name=_axis_name_tuple(axis_name),
+      dtype=output_dtype,
+      param_dtype=param_dtype,
+      **options,
+    )
+    params, state = bn_lib.init_variables(
+      (input_size,),
+      use_scale=self.config.use_scale,
+      use_bias=self.config.use_bias,
+      param_dtype=param_dtype,
+    )
     self.weight = params.get("scale")
     self.bias = params.get("bias")
     self.state_index = eqx.nn.StateIndex(state)
@@ -313,7 +366,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
   def momentum(self) -> Optional[float]:
     return self.config.momentum
 
-  def __call__(self, x, state: eqx.nn.State, *, key=None, inference: Optional[bool] = None, mask=None):
+  def __call__(
+    self, x, state: eqx.nn.State, *, key=None, inference: Optional[bool] = None, mask=None
+  ):
     """Normalizes one example; returns `(y, state)` with the running statistics updated when training.
 
     Args:
@@ -335,9 +390,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
       NameError: training outside a transform that binds `axis_name`.
     """
     del key
-    training = modes.merge_override(self.inference, inference, None, attribute_name="inference",
-                                    negate_attribute=True, argument_name="inference",
-                                    negate_argument=True, layer=_LAYER)
+    training = modes.merge_override(
+      self.inference,
+      inference,
+      None,
+      attribute_name="inference",
+      negate_attribute=True,
+      argument_name="inference",
+      negate_argument=True,
+      layer=_LAYER,
+    )
     x = self._check_input(x)
     mask = _example_mask(mask, x)
     batch_mask = None if mask is None else mask[None]
@@ -346,25 +408,30 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if not training:
       if self.mode == "batch":
         bn_state = batch_mode_evaluation_state(bn_state, self.config.momentum)
-      y, _ = bn_lib.from_config(self.config).apply(params, bn_state, x[None], training=False,
-                                                   mask=batch_mask)
+      y, _ = bn_lib.from_config(self.config).apply(
+        params, bn_state, x[None], training=False, mask=batch_mask
+      )
       return y[0], state
     config = self._training_config()
     y, new_state, group_moments = bn_lib.apply_with_batch_moments(
-        config, params, bn_state, x[None], training=True, mask=batch_mask)
+      config, params, bn_state, x[None], training=True, mask=batch_mask
+    )
     if config.axis_index_groups is not None:  # per-group states: one update for the whole axis
-      new_state = grouped_running_update(config, bn_state, group_moments, _example_count(x, mask),
-                                         config.axis_name)
+      new_state = grouped_running_update(
+        config, bn_state, group_moments, _example_count(x, mask), config.axis_name
+      )
     return y[0], state.set(self.state_index, new_state)
 
   def _check_input(self, x):
     validation.check_float_input(x, "x")
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[0] != self.input_size:
-      raise ValueError(f"{_LAYER}: x has shape {x.shape}; expected one example of shape "
-                       f"({self.input_size}, ...) with the input_size={self.input_size} channels first. "
-                       "Batches go through jax.vmap(model, axis_name=..., in_axes=(0, None), "
-                       "out_axes=(0, None))")
+      raise ValueError(
+        f"{_LAYER}: x has shape {x.shape}; expected one example of shape "
+        f"({self.input_size}, ...) with the input_size={self.input_size} channels first. "
+        "Batches go through jax.vmap(model, axis_name=..., in_axes=(0, None), "
+        "out_axes=(0, None))"
+      )
     return x
 
   def _training_config(self) -> bn_lib.BatchNormConfig:

@@ -24,7 +24,9 @@ _NO_STATE = object()  # `state` not passed: return `y` alone, as Equinox's layer
 def _shape_tuple(shape, layer) -> Tuple[int, ...]:
   shape = (shape,) if isinstance(shape, int) else tuple(shape)
   if any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in shape):
-    raise ValueError(f"{layer}: shape={shape!r} must be a positive int or a sequence of positive ints")
+    raise ValueError(
+      f"{layer}: shape={shape!r} must be a positive int or a sequence of positive ints"
+    )
   return shape
 
 
@@ -37,7 +39,9 @@ def _params(weight, bias):
 
 
 def _apply(config, params, x, state, mask):
-  y, _ = fn_lib.from_config(config).apply(params, transform.EmptyState(), x, training=False, mask=mask)
+  y, _ = fn_lib.from_config(config).apply(
+    params, transform.EmptyState(), x, training=False, mask=mask
+  )
   return y if state is _NO_STATE else (y, state)
 
 
@@ -45,8 +49,10 @@ def _check_shape(x, shape, layer):
   validation.check_float_input(x, "x")
   x = jnp.asarray(x)
   if x.shape != shape:
-    raise ValueError(f"{layer}: x has shape {x.shape}; expected shape={shape} (one example, as "
-                     "Equinox's layer: batches go through jax.vmap)")
+    raise ValueError(
+      f"{layer}: x has shape {x.shape}; expected shape={shape} (one example, as "
+      "Equinox's layer: batches go through jax.vmap)"
+    )
   return x
 
 
@@ -54,8 +60,10 @@ def _check_channels(x, channels, layer):
   validation.check_float_input(x, "x")
   x = jnp.asarray(x)
   if x.ndim < 1 or (channels is not None and x.shape[0] != channels):
-    raise ValueError(f"{layer}: x has shape {x.shape}; expected one example of shape ({channels}, ...) "
-                     "with the channels first")
+    raise ValueError(
+      f"{layer}: x has shape {x.shape}; expected one example of shape ({channels}, ...) "
+      "with the channels first"
+    )
   return x
 
 
@@ -76,6 +84,7 @@ class LayerNorm(eqx.Module):
   References:
     Ba, Kiros & Hinton 2016, "Layer Normalization", arXiv:1607.06450.
   """
+
   weight: Optional[jax.Array]
   bias: Optional[jax.Array]
   shape: Tuple[int, ...] = eqx.field(static=True)
@@ -83,20 +92,35 @@ class LayerNorm(eqx.Module):
   use_bias: bool = eqx.field(static=True)
   config: fn_lib.FeatureNormConfig = eqx.field(static=True)
 
-  def __init__(self, shape: Union[int, Sequence[int]], eps: float = 1e-5, use_weight: bool = True,
-               use_bias: bool = True, dtype=None, *, elementwise_affine: Optional[bool] = None,
-               stats_method: str = "shifted", output_dtype=None):
+  def __init__(
+    self,
+    shape: Union[int, Sequence[int]],
+    eps: float = 1e-5,
+    use_weight: bool = True,
+    use_bias: bool = True,
+    dtype=None,
+    *,
+    elementwise_affine: Optional[bool] = None,
+    stats_method: str = "shifted",
+    output_dtype=None,
+  ):
     """Args: Equinox's (`elementwise_affine`, deprecated there, sets both flags); `stats_method` (see
     `normjax.moments`) and `output_dtype` (default: the input's) are normjax's."""
     self.shape = _shape_tuple(shape, "normjax.equinox.LayerNorm")
     if elementwise_affine is not None:
       use_weight = use_bias = elementwise_affine
     axes = tuple(range(len(self.shape)))
-    self.config = fn_lib.FeatureNormConfig(kind="layer", reduction_axes=axes, feature_axes=axes,
-                                           epsilon=eps,
-                                           use_scale=use_weight, use_bias=use_bias,
-                                           stats_method=stats_method, dtype=output_dtype,
-                                           param_dtype=_param_dtype(dtype))
+    self.config = fn_lib.FeatureNormConfig(
+      kind="layer",
+      reduction_axes=axes,
+      feature_axes=axes,
+      epsilon=eps,
+      use_scale=use_weight,
+      use_bias=use_bias,
+      stats_method=stats_method,
+      dtype=output_dtype,
+      param_dtype=_param_dtype(dtype),
+    )
     self.use_weight, self.use_bias = use_weight, use_bias
     self.weight = jnp.ones(self.shape, self.config.param_dtype) if use_weight else None
     self.bias = jnp.zeros(self.shape, self.config.param_dtype) if use_bias else None
@@ -129,6 +153,7 @@ class RMSNorm(eqx.Module):
   References:
     Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", arXiv:1910.07467.
   """
+
   weight: Optional[jax.Array]
   bias: Optional[jax.Array]
   shape: Tuple[int, ...] = eqx.field(static=True)
@@ -136,16 +161,31 @@ class RMSNorm(eqx.Module):
   use_bias: bool = eqx.field(static=True)
   config: fn_lib.FeatureNormConfig = eqx.field(static=True)
 
-  def __init__(self, shape: Union[int, Sequence[int]], eps: float = 1e-5, use_weight: bool = True,
-               use_bias: bool = True, dtype=None, *, stats_method: str = "shifted", output_dtype=None):
+  def __init__(
+    self,
+    shape: Union[int, Sequence[int]],
+    eps: float = 1e-5,
+    use_weight: bool = True,
+    use_bias: bool = True,
+    dtype=None,
+    *,
+    stats_method: str = "shifted",
+    output_dtype=None,
+  ):
     """Args: Equinox's; `stats_method` and `output_dtype` are normjax's (see `LayerNorm`)."""
     self.shape = _shape_tuple(shape, "normjax.equinox.RMSNorm")
     axes = tuple(range(len(self.shape)))
-    self.config = fn_lib.FeatureNormConfig(kind="rms", reduction_axes=axes, feature_axes=axes,
-                                           epsilon=eps,
-                                           use_scale=use_weight, use_bias=False,
-                                           stats_method=stats_method, dtype=output_dtype,
-                                           param_dtype=_param_dtype(dtype))
+    self.config = fn_lib.FeatureNormConfig(
+      kind="rms",
+      reduction_axes=axes,
+      feature_axes=axes,
+      epsilon=eps,
+      use_scale=use_weight,
+      use_bias=False,
+      stats_method=stats_method,
+      dtype=output_dtype,
+      param_dtype=_param_dtype(dtype),
+    )
     self.use_weight, self.use_bias = use_weight, use_bias
     self.weight = jnp.ones(self.shape, self.config.param_dtype) if use_weight else None
     self.bias = jnp.zeros(self.shape, self.config.param_dtype) if use_bias else None
@@ -162,8 +202,9 @@ class RMSNorm(eqx.Module):
       return _apply(self.config, _params(self.weight, None), x, state, mask)
     out_dtype = self.config.dtype or x.dtype
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    y = _apply(dataclasses.replace(self.config, dtype=acc), _params(self.weight, None), x, _NO_STATE,
-               mask)
+    y = _apply(
+      dataclasses.replace(self.config, dtype=acc), _params(self.weight, None), x, _NO_STATE, mask
+    )
     y = (y + self.bias.astype(acc)).astype(out_dtype)
     return y if state is _NO_STATE else (y, state)
 
@@ -186,6 +227,7 @@ class GroupNorm(eqx.Module):
   References:
     Wu & He 2018, "Group Normalization", arXiv:1803.08494.
   """
+
   weight: Optional[jax.Array]
   bias: Optional[jax.Array]
   groups: int = eqx.field(static=True)
@@ -193,9 +235,17 @@ class GroupNorm(eqx.Module):
   channelwise_affine: bool = eqx.field(static=True)
   config: fn_lib.FeatureNormConfig = eqx.field(static=True)
 
-  def __init__(self, groups: int, channels: Optional[int] = None, eps: float = 1e-5,
-               channelwise_affine: bool = True, dtype=None, *, stats_method: str = "shifted",
-               output_dtype=None):
+  def __init__(
+    self,
+    groups: int,
+    channels: Optional[int] = None,
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    dtype=None,
+    *,
+    stats_method: str = "shifted",
+    output_dtype=None,
+  ):
     """Args: Equinox's; `stats_method` and `output_dtype` are normjax's (see `LayerNorm`).
 
     Raises:
@@ -203,16 +253,29 @@ class GroupNorm(eqx.Module):
         `channelwise_affine=True`.
     """
     layer = "normjax.equinox.GroupNorm"
-    self.config = fn_lib.FeatureNormConfig(kind="group", reduction_axes=None, feature_axes=0,
-                                           num_groups=groups, epsilon=eps,
-                                           use_scale=channelwise_affine, use_bias=channelwise_affine,
-                                           stats_method=stats_method, dtype=output_dtype,
-                                           param_dtype=_param_dtype(dtype))
-    if channels is not None and (not isinstance(channels, int) or channels < 1 or channels % groups):
-      raise ValueError(f"{layer}: groups={groups} must divide channels={channels!r} (a positive int)")
+    self.config = fn_lib.FeatureNormConfig(
+      kind="group",
+      reduction_axes=None,
+      feature_axes=0,
+      num_groups=groups,
+      epsilon=eps,
+      use_scale=channelwise_affine,
+      use_bias=channelwise_affine,
+      stats_method=stats_method,
+      dtype=output_dtype,
+      param_dtype=_param_dtype(dtype),
+    )
+    if channels is not None and (
+      not isinstance(channels, int) or channels < 1 or channels % groups
+    ):
+      raise ValueError(
+        f"{layer}: groups={groups} must divide channels={channels!r} (a positive int)"
+      )
     if channels is None and channelwise_affine:
-      raise ValueError(f"{layer}: channels=None with channelwise_affine=True; give the number of "
-                       "channels (the parameters are per channel)")
+      raise ValueError(
+        f"{layer}: channels=None with channelwise_affine=True; give the number of "
+        "channels (the parameters are per channel)"
+      )
     self.groups, self.channels, self.channelwise_affine = groups, channels, channelwise_affine
     dtype = self.config.param_dtype
     self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None
@@ -244,27 +307,45 @@ class InstanceNorm(eqx.Module):
   References:
     Ulyanov, Vedaldi & Lempitsky 2016, "Instance Normalization", arXiv:1607.08022.
   """
+
   weight: Optional[jax.Array]
   bias: Optional[jax.Array]
   channels: Optional[int] = eqx.field(static=True)
   channelwise_affine: bool = eqx.field(static=True)
   config: fn_lib.FeatureNormConfig = eqx.field(static=True)
 
-  def __init__(self, channels: Optional[int] = None, eps: float = 1e-5,
-               channelwise_affine: bool = True, dtype=None, *, stats_method: str = "shifted",
-               output_dtype=None):
+  def __init__(
+    self,
+    channels: Optional[int] = None,
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    dtype=None,
+    *,
+    stats_method: str = "shifted",
+    output_dtype=None,
+  ):
     """Args: as `GroupNorm`'s, without `groups` (one group per channel)."""
     layer = "normjax.equinox.InstanceNorm"
-    if channels is not None and (not isinstance(channels, int) or isinstance(channels, bool)
-                                 or channels < 1):
+    if channels is not None and (
+      not isinstance(channels, int) or isinstance(channels, bool) or channels < 1
+    ):
       raise ValueError(f"{layer}: channels={channels!r} must be a positive int")
     if channels is None and channelwise_affine:
-      raise ValueError(f"{layer}: channels=None with channelwise_affine=True; give the number of "
-                       "channels (the parameters are per channel)")
-    self.config = fn_lib.FeatureNormConfig(kind="instance", reduction_axes=None, feature_axes=0,
-                                           epsilon=eps, use_scale=channelwise_affine,
-                                           use_bias=channelwise_affine, stats_method=stats_method,
-                                           dtype=output_dtype, param_dtype=_param_dtype(dtype))
+      raise ValueError(
+        f"{layer}: channels=None with channelwise_affine=True; give the number of "
+        "channels (the parameters are per channel)"
+      )
+    self.config = fn_lib.FeatureNormConfig(
+      kind="instance",
+      reduction_axes=None,
+      feature_axes=0,
+      epsilon=eps,
+      use_scale=channelwise_affine,
+      use_bias=channelwise_affine,
+      stats_method=stats_method,
+      dtype=output_dtype,
+      param_dtype=_param_dtype(dtype),
+    )
     self.channels, self.channelwise_affine = channels, channelwise_affine
     dtype = self.config.param_dtype
     self.weight = jnp.ones((channels,), dtype) if channelwise_affine else None

@@ -4,6 +4,7 @@ Parameters live in `params`, running statistics in the mutable `batch_stats` col
 the mode is flax's `use_running_average` (field or call argument) or normjax's `training=`. The
 linen-specific tools (population recalibration, folding a whole model) live here too.
 """
+
 from normjax.linen._batch_norm import BatchNorm
 from normjax.linen._batch_norm import BatchRenorm
 from normjax.linen._batch_norm import GhostBatchNorm
@@ -21,7 +22,19 @@ from normjax.linen._weights import WeightNormDense
 from normjax.linen._weights import WeightStandardizedConv
 
 __all__ = [
-    "BatchNorm", "BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "GroupNorm", "InstanceNorm",
-    "LayerNorm", "RMSNorm", "SpectralNormDense", "VirtualBatchNorm", "WeightNormDense",
-    "WeightStandardizedConv", "fold_batch_norm_model", "recalibrate_batch_stats", "to_flax_variables",
+  "BatchNorm",
+  "BatchRenorm",
+  "FrozenBatchNorm",
+  "GhostBatchNorm",
+  "GroupNorm",
+  "InstanceNorm",
+  "LayerNorm",
+  "RMSNorm",
+  "SpectralNormDense",
+  "VirtualBatchNorm",
+  "WeightNormDense",
+  "WeightStandardizedConv",
+  "fold_batch_norm_model",
+  "recalibrate_batch_stats",
+  "to_flax_variables",
 ]

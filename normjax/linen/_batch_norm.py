@@ -59,6 +59,7 @@ class BatchNorm(nn.Module):
     >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
     >>> y = njl.BatchNorm(momentum=0.9).apply(variables, x, training=False)  # normjax's keyword
   """
+
   use_running_average: Optional[bool] = None
   axis: Any = -1
   momentum: Optional[float] = 0.99
@@ -85,32 +86,48 @@ class BatchNorm(nn.Module):
 
   def _config(self, **overrides) -> bn_lib.BatchNormConfig:
     options = {f.name: getattr(self, f.name) for f in dataclasses.fields(bn_lib.BatchNormConfig)}
-    options["stats_method"] = modes.stats_method_from_flax(self.use_fast_variance, self.stats_method)
+    options["stats_method"] = modes.stats_method_from_flax(
+      self.use_fast_variance, self.stats_method
+    )
     if modes.check_flag(self.force_float32_reductions, "force_float32_reductions") is False:
-      raise ValueError("force_float32_reductions=False: normjax always reduces in float32 (float64 for "
-                       "float64 input); leave it True")
+      raise ValueError(
+        "force_float32_reductions=False: normjax always reduces in float32 (float64 for "
+        "float64 input); leave it True"
+      )
     return bn_lib.BatchNormConfig(**{**options, **overrides})
 
   def _variables(self, config, feature_shape):
     """(params, state, stats variables); `count` is absent from `stats` for count-less variables."""
-    params = {name: self.param(name, getattr(self, f"{name}_init"), feature_shape, self.param_dtype)
-              for name in ("scale", "bias") if getattr(self, f"use_{name}")}
-    stats = {"mean": self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32),
-             "var": self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)}
+    params = {
+      name: self.param(name, getattr(self, f"{name}_init"), feature_shape, self.param_dtype)
+      for name in ("scale", "bias")
+      if getattr(self, f"use_{name}")
+    }
+    stats = {
+      "mean": self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32),
+      "var": self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32),
+    }
     if self.is_initializing() or self.has_variable("batch_stats", "count"):
       stats["count"] = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
     elif needs_count(config):
       raise ValueError(
-          f"{self.name or type(self).__name__}: batch_stats has no 'count' (variables from "
-          "flax.linen.BatchNorm?), but debias, momentum=None or a renorm schedule needs the number of "
-          "updates; add batch_stats['count'] = jnp.zeros((), jnp.int32) (or the number of steps "
-          "trained) to the variables")
+        f"{self.name or type(self).__name__}: batch_stats has no 'count' (variables from "
+        "flax.linen.BatchNorm?), but debias, momentum=None or a renorm schedule needs the number of "
+        "updates; add batch_stats['count'] = jnp.zeros((), jnp.int32) (or the number of steps "
+        "trained) to the variables"
+      )
     count = stats["count"].value if "count" in stats else jnp.zeros((), jnp.int32)
     return params, bn_lib.BatchNormState(stats["mean"].value, stats["var"].value, count), stats
 
   @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None,
-               mask=None):
+  def __call__(
+    self,
+    x,
+    use_running_average: Optional[bool] = None,
+    *,
+    training: Optional[bool] = None,
+    mask=None,
+  ):
     """Normalizes `x`; see the class docstring for how the mode is chosen.
 
     Args:
@@ -122,20 +139,26 @@ class BatchNorm(nn.Module):
     Returns:
       The normalized `x`.
     """
-    training = modes.merge_linen(self.use_running_average, use_running_average, training,
-                                 layer=type(self).__name__)
+    training = modes.merge_linen(
+      self.use_running_average, use_running_average, training, layer=type(self).__name__
+    )
     initializing = self.is_initializing()
-    config = self._config(axis_name=None, axis_index_groups=None) if initializing else self._config()
+    config = (
+      self._config(axis_name=None, axis_index_groups=None) if initializing else self._config()
+    )
     axes = bn_lib.feature_axes(config, jnp.ndim(x))
     feature_shape = tuple(jnp.shape(x)[a] for a in axes)
     params, state, stats = self._variables(config, feature_shape)
     update = training and not initializing
-    y, new_state, moments = bn_lib.apply_with_batch_moments(config, params, state, x, training=update,
-                                                            mask=mask)
+    y, new_state, moments = bn_lib.apply_with_batch_moments(
+      config, params, state, x, training=update, mask=mask
+    )
     if update:
       for name, variable in stats.items():
         variable.value = getattr(new_state, name)
-      if self.is_mutable_collection("batch_moments"):  # read by normjax.linen.recalibrate_batch_stats
+      if self.is_mutable_collection(
+        "batch_moments"
+      ):  # read by normjax.linen.recalibrate_batch_stats
         for k, v in zip(("count", "mean", "var"), moments):
           self.put_variable("batch_moments", k, v)
     return y
@@ -143,11 +166,13 @@ class BatchNorm(nn.Module):
 
 class GhostBatchNorm(BatchNorm):
   """`BatchNorm` with ghost batches of `ghost_batch_size` (default 128, Hoffer et al. 2017)."""
+
   ghost_batch_size: Optional[int] = 128
 
 
 class BatchRenorm(BatchNorm):
   """`BatchNorm` with Batch Renormalization on (Ioffe 2017); `r_max`, `d_max` numbers or schedules."""
+
   renorm: bool = True
 
 
@@ -164,6 +189,7 @@ def to_flax_variables(variables):
     >>> variables = njl.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
     >>> y = nn.BatchNorm(use_running_average=True).apply(njl.to_flax_variables(variables), x)
   """
+
   def strip(tree):
     if not isinstance(tree, dict) and not hasattr(tree, "items"):
       return tree
@@ -190,6 +216,7 @@ class VirtualBatchNorm(nn.Module):
     >>> reference = jax.random.normal(jax.random.key(0), (64, 4))
     >>> variables = njl.VirtualBatchNorm().init(jax.random.key(1), reference)
   """
+
   use_running_average: Optional[bool] = None
   axis: Any = -1
   epsilon: float = 1e-5
@@ -202,23 +229,39 @@ class VirtualBatchNorm(nn.Module):
   stats_method: str = "shifted"
 
   @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None,
-               mask=None):
-    for name, flag in (("use_running_average", self.use_running_average),
-                       ("use_running_average", use_running_average), ("training", training)):
+  def __call__(
+    self,
+    x,
+    use_running_average: Optional[bool] = None,
+    *,
+    training: Optional[bool] = None,
+    mask=None,
+  ):
+    for name, flag in (
+      ("use_running_average", self.use_running_average),
+      ("use_running_average", use_running_average),
+      ("training", training),
+    ):
       modes.check_flag(flag, name)
-    options = {f.name: getattr(self, f.name) for f in dataclasses.fields(vbn_lib.VirtualBatchNormConfig)}
+    options = {
+      f.name: getattr(self, f.name) for f in dataclasses.fields(vbn_lib.VirtualBatchNormConfig)
+    }
     vbn = vbn_lib.from_config(vbn_lib.VirtualBatchNormConfig(**options))
     if self.is_initializing():
       _, init_state = vbn.init(x, mask=mask)
     else:  # flax may still trace the initializers for their shapes
-      init_state = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                          jax.eval_shape(vbn.init, x)[1])
+      init_state = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(vbn.init, x)[1]
+      )
     feature_shape = init_state.mean.shape
-    params = {name: self.param(name, getattr(self, f"{name}_init"), feature_shape, self.param_dtype)
-              for name in ("scale", "bias") if getattr(self, f"use_{name}")}
+    params = {
+      name: self.param(name, getattr(self, f"{name}_init"), feature_shape, self.param_dtype)
+      for name in ("scale", "bias")
+      if getattr(self, f"use_{name}")
+    }
     fields = vbn_lib.VirtualBatchNormState._fields
     state = vbn_lib.VirtualBatchNormState(
-        *(self.variable("batch_stats", k, lambda k=k: getattr(init_state, k)).value for k in fields))
+      *(self.variable("batch_stats", k, lambda k=k: getattr(init_state, k)).value for k in fields)
+    )
     y, _ = vbn.apply(params, state, x, training=False, mask=mask)
     return y

@@ -24,9 +24,13 @@ class _FeatureNorm(nn.Module):
   def __call__(self, x, *, training: Optional[bool] = None, mask=None):
     modes.check_flag(training, "training")
     norm = fn_lib.from_config(self._config())
-    shapes, state = jax.eval_shape(norm.init, jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
-    params = {k: self.param(k, getattr(self, f"{k}_init"), v.shape, self.param_dtype)
-              for k, v in shapes.items()}
+    shapes, state = jax.eval_shape(
+      norm.init, jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    )
+    params = {
+      k: self.param(k, getattr(self, f"{k}_init"), v.shape, self.param_dtype)
+      for k, v in shapes.items()
+    }
     y, _ = norm.apply(params, type(state)(), x, training=False, mask=mask)
     return y
 
@@ -47,6 +51,7 @@ class LayerNorm(_FeatureNorm):
     >>> variables = njl.LayerNorm().init(jax.random.key(0), x)
     >>> y = njl.LayerNorm().apply(variables, x)
   """
+
   reduction_axes: Any = -1
   feature_axes: Any = -1
   epsilon: float = 1e-5
@@ -59,8 +64,12 @@ class LayerNorm(_FeatureNorm):
   bias_init: Callable = nn.initializers.zeros
 
   def _config(self):
-    return fn_lib.FeatureNormConfig(kind="layer", reduction_axes=self.reduction_axes,
-                                    feature_axes=self.feature_axes, **_fields(self, _COMMON))
+    return fn_lib.FeatureNormConfig(
+      kind="layer",
+      reduction_axes=self.reduction_axes,
+      feature_axes=self.feature_axes,
+      **_fields(self, _COMMON),
+    )
 
 
 class GroupNorm(_FeatureNorm):
@@ -71,6 +80,7 @@ class GroupNorm(_FeatureNorm):
     >>> x = jnp.ones((2, 4, 4, 8))
     >>> variables = njl.GroupNorm(num_groups=4).init(jax.random.key(0), x)
   """
+
   num_groups: Optional[int] = None
   group_size: Optional[int] = None
   axis: int = -1
@@ -85,9 +95,14 @@ class GroupNorm(_FeatureNorm):
   bias_init: Callable = nn.initializers.zeros
 
   def _config(self):
-    return fn_lib.FeatureNormConfig(kind="group", reduction_axes=self.reduction_axes,
-                                    feature_axes=self.axis, num_groups=self.num_groups,
-                                    group_size=self.group_size, **_fields(self, _COMMON))
+    return fn_lib.FeatureNormConfig(
+      kind="group",
+      reduction_axes=self.reduction_axes,
+      feature_axes=self.axis,
+      num_groups=self.num_groups,
+      group_size=self.group_size,
+      **_fields(self, _COMMON),
+    )
 
 
 class InstanceNorm(_FeatureNorm):
@@ -97,6 +112,7 @@ class InstanceNorm(_FeatureNorm):
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
     >>> variables = njl.InstanceNorm().init(jax.random.key(0), jnp.ones((2, 4, 4, 3)))
   """
+
   axis: int = -1
   reduction_axes: Any = None
   epsilon: float = 1e-5
@@ -111,8 +127,12 @@ class InstanceNorm(_FeatureNorm):
   def _config(self):
     if not isinstance(self.axis, int):
       raise ValueError(f"axis={self.axis!r}: InstanceNorm takes a single channel axis (an int)")
-    return fn_lib.FeatureNormConfig(kind="instance", reduction_axes=self.reduction_axes,
-                                    feature_axes=self.axis, **_fields(self, _COMMON))
+    return fn_lib.FeatureNormConfig(
+      kind="instance",
+      reduction_axes=self.reduction_axes,
+      feature_axes=self.axis,
+      **_fields(self, _COMMON),
+    )
 
 
 class RMSNorm(_FeatureNorm):
@@ -122,6 +142,7 @@ class RMSNorm(_FeatureNorm):
     >>> import jax, jax.numpy as jnp, normjax.linen as njl
     >>> variables = njl.RMSNorm().init(jax.random.key(0), jnp.ones((2, 3)))
   """
+
   reduction_axes: Any = -1
   feature_axes: Any = -1
   epsilon: float = 1e-5
@@ -132,6 +153,10 @@ class RMSNorm(_FeatureNorm):
   scale_init: Callable = nn.initializers.ones
 
   def _config(self):
-    return fn_lib.FeatureNormConfig(kind="rms", reduction_axes=self.reduction_axes,
-                                    feature_axes=self.feature_axes, use_bias=False,
-                                    **_fields(self, _COMMON[:2] + _COMMON[3:]))
+    return fn_lib.FeatureNormConfig(
+      kind="rms",
+      reduction_axes=self.reduction_axes,
+      feature_axes=self.feature_axes,
+      use_bias=False,
+      **_fields(self, _COMMON[:2] + _COMMON[3:]),
+    )

@@ -25,8 +25,9 @@ def _trains(module, call_args, call_kwargs) -> bool:
   if isinstance(module, _frozen_batch_norm.FrozenBatchNorm):
     return False
   argument = call_args[1] if len(call_args) > 1 else call_kwargs.get("use_running_average")
-  return modes.merge_linen(module.use_running_average, argument, call_kwargs.get("training"),
-                           layer=type(module).__name__)
+  return modes.merge_linen(
+    module.use_running_average, argument, call_kwargs.get("training"), layer=type(module).__name__
+  )
 
 
 def _find_pairs(model, variables, args, kwargs):
@@ -41,16 +42,22 @@ def _find_pairs(model, variables, args, kwargs):
       x = call_args[0] if call_args else call_kwargs.get("x")
       path = "/".join(module.path)
       if _trains(module, call_args, call_kwargs):
-        raise ValueError(f"BatchNorm at {path!r} is called in training mode; folding needs the "
-                         "eval-mode call (training=False or use_running_average=True)")
+        raise ValueError(
+          f"BatchNorm at {path!r} is called in training mode; folding needs the "
+          "eval-mode call (training=False or use_running_average=True)"
+        )
       producer = producers.pop(id(x), None)
       axis = validation.normalize_axes(module.axis, x.ndim, "axis")
       if producer is None:
-        errors.append(f"BatchNorm at {path!r} does not directly follow a Conv or Dense (its input is not "
-                      "the output of one, or that output feeds another BatchNorm); it cannot be folded")
+        errors.append(
+          f"BatchNorm at {path!r} does not directly follow a Conv or Dense (its input is not "
+          "the output of one, or that output feeds another BatchNorm); it cannot be folded"
+        )
       elif axis != (x.ndim - 1,):
-        errors.append(f"BatchNorm at {path!r} normalizes axis={module.axis!r}, not the last axis that "
-                      f"holds the features of the preceding {producer[0]!r}")
+        errors.append(
+          f"BatchNorm at {path!r} normalizes axis={module.axis!r}, not the last axis that "
+          f"holds the features of the preceding {producer[0]!r}"
+        )
       else:
         pairs.append((producer[1], module.path, module.epsilon, producer[2]))
     out = next_fun(*call_args, **call_kwargs)
@@ -123,10 +130,13 @@ def fold_batch_norm_model(model: nn.Module, variables, *args, **kwargs):
   biasless = set()
   for conv_path, bn_path, epsilon, has_bias in pairs:
     conv = _node(new["params"], conv_path)
-    bn_params = dict(_node(new["params"], bn_path)) if bn_path and _has(new["params"], bn_path) else {}
+    bn_params = (
+      dict(_node(new["params"], bn_path)) if bn_path and _has(new["params"], bn_path) else {}
+    )
     bn_state = _node(new["batch_stats"], bn_path)
-    conv["kernel"], conv["bias"] = folding.fold_batch_norm(conv["kernel"], conv.get("bias"), bn_params,
-                                                   bn_state, epsilon=epsilon)
+    conv["kernel"], conv["bias"] = folding.fold_batch_norm(
+      conv["kernel"], conv.get("bias"), bn_params, bn_state, epsilon=epsilon
+    )
     if not has_bias:
       biasless.add(tuple(conv_path))
     for collection in ("params", "batch_stats"):
@@ -143,6 +153,7 @@ def fold_batch_norm_model(model: nn.Module, variables, *args, **kwargs):
       if context.method_name == "__call__" and path in biasless:
         out = out + context.module.get_variable("params", "bias").astype(out.dtype)
       return out
+
     with nn.intercept_methods(interceptor):
       return model.apply(folded_variables, *call_args, **call_kwargs)
 

@@ -25,6 +25,7 @@ class FrozenBatchNorm(nn.Module):
     >>> variables = njl.FrozenBatchNorm().init(jax.random.key(0), x)
     >>> y = njl.FrozenBatchNorm().apply(variables, x, training=True)
   """
+
   use_running_average: Optional[bool] = None
   axis: Any = -1
   epsilon: float = 1e-5
@@ -37,22 +38,37 @@ class FrozenBatchNorm(nn.Module):
   trainable_affine: bool = True
 
   @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None,
-               mask=None):
-    for name, flag in (("use_running_average", self.use_running_average),
-                       ("use_running_average", use_running_average), ("training", training)):
+  def __call__(
+    self,
+    x,
+    use_running_average: Optional[bool] = None,
+    *,
+    training: Optional[bool] = None,
+    mask=None,
+  ):
+    for name, flag in (
+      ("use_running_average", self.use_running_average),
+      ("use_running_average", use_running_average),
+      ("training", training),
+    ):
       modes.check_flag(flag, name)
-    options = {f.name: getattr(self, f.name) for f in dataclasses.fields(fbn_lib.FrozenBatchNormConfig)}
+    options = {
+      f.name: getattr(self, f.name) for f in dataclasses.fields(fbn_lib.FrozenBatchNormConfig)
+    }
     config = fbn_lib.FrozenBatchNormConfig(**options)
     feature_shape = tuple(jnp.shape(x)[a] for a in bn_lib.feature_axes(config, jnp.ndim(x)))
-    params = {name: self.param(name, getattr(self, f"{name}_init"), feature_shape, self.param_dtype)
-              for name in ("scale", "bias") if getattr(self, f"use_{name}")}
+    params = {
+      name: self.param(name, getattr(self, f"{name}_init"), feature_shape, self.param_dtype)
+      for name in ("scale", "bias")
+      if getattr(self, f"use_{name}")
+    }
     mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32).value
     var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32).value
     if self.is_initializing() or self.has_variable("batch_stats", "count"):
       count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32).value
     else:
       count = jnp.zeros((), jnp.int32)
-    y, _ = fbn_lib.from_config(config).apply(params, bn_lib.BatchNormState(mean, var, count), x,
-                                             training=False, mask=mask)
+    y, _ = fbn_lib.from_config(config).apply(
+      params, bn_lib.BatchNormState(mean, var, count), x, training=False, mask=mask
+    )
     return y

@@ -27,7 +27,9 @@ _COLLECTIONS = ["batch_stats", "batch_moments"]
 def _layers(tree, path=()):
   """(path, {"count", "mean", "var"}) for every layer entry of a `batch_moments` tree."""
   if isinstance(tree, Mapping):
-    if "count" in tree and "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
+    if (
+      "count" in tree and "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping)
+    ):
       yield path, tree
       return
     for k, v in tree.items():
@@ -44,8 +46,12 @@ def _merge(total, new):
     b = new
     for k in path:
       b = b[k]
-    out[path] = dict(zip(("count", "mean", "var"), stats.merge_moments(
-        a["count"], a["mean"], a["var"], b["count"], b["mean"], b["var"])))
+    out[path] = dict(
+      zip(
+        ("count", "mean", "var"),
+        stats.merge_moments(a["count"], a["mean"], a["var"], b["count"], b["mean"], b["var"]),
+      )
+    )
   return _nest(out)
 
 
@@ -84,8 +90,14 @@ def _jitted_step(apply_fn):
   return _STEP_CACHE[key]
 
 
-def recalibrate_batch_stats(apply_fn: Callable[..., Any], variables, batches: Iterable[Any], *,
-                            unbiased: bool = False, jit: bool = True):
+def recalibrate_batch_stats(
+  apply_fn: Callable[..., Any],
+  variables,
+  batches: Iterable[Any],
+  *,
+  unbiased: bool = False,
+  jit: bool = True,
+):
   """Recomputes every BatchNorm layer's running mean and variance as population statistics.
 
   Runs the model in training mode, weights fixed, on each batch; collects each BatchNorm layer's batch
@@ -138,8 +150,9 @@ def recalibrate_batch_stats(apply_fn: Callable[..., Any], variables, batches: It
     moments = step_fn(variables, batch)
     if not any(True for _ in _layers(moments)):
       raise ValueError(
-          "no BatchNorm layer reported batch moments: apply_fn must call normjax.linen.BatchNorm layers "
-          "in training mode and pass through the `mutable` collections it is given")
+        "no BatchNorm layer reported batch moments: apply_fn must call normjax.linen.BatchNorm layers "
+        "in training mode and pass through the `mutable` collections it is given"
+      )
     total = moments if total is None else merge_fn(total, moments)
   if total is None:
     raise ValueError("batches is empty; recalibration needs at least one batch")

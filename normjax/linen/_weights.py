@@ -24,6 +24,7 @@ class WeightStandardizedConv(nn.Module):
     >>> conv.apply(variables, jnp.ones((1, 5, 5, 3))).shape
     (1, 5, 5, 8)
   """
+
   features: int
   kernel_size: Sequence[int]
   strides: Union[int, Sequence[int]] = 1
@@ -49,10 +50,20 @@ class WeightStandardizedConv(nn.Module):
       return {**variables, "params": {**params, "kernel": kernel}}
 
     conv = nn.map_variables(nn.Conv, "params", trans_in_fn=standardize, init=self.is_initializing())
-    return conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
-                kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
-                use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=self.kernel_init, bias_init=self.bias_init, name="Conv_0")(x)
+    return conv(
+      self.features,
+      self.kernel_size,
+      strides=self.strides,
+      padding=self.padding,
+      kernel_dilation=self.kernel_dilation,
+      feature_group_count=self.feature_group_count,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=self.kernel_init,
+      bias_init=self.bias_init,
+      name="Conv_0",
+    )(x)
 
 
 class WeightNormDense(nn.Module):
@@ -70,6 +81,7 @@ class WeightNormDense(nn.Module):
     >>> layer.apply(variables, jnp.ones((2, 3))).shape
     (2, 4)
   """
+
   features: int
   use_bias: bool = True
   epsilon: float = 1e-12
@@ -87,7 +99,8 @@ class WeightNormDense(nn.Module):
     if self.data_init and self.is_initializing():
       w0, _ = wn.apply({"v": v, "g": g0}, transform.EmptyState(), training=False)
       new_params, initial_bias = weights_lib.weight_norm_data_init(
-          {"v": v, "g": g0}, jnp.dot(x, w0), init_scale=self.init_scale)
+        {"v": v, "g": g0}, jnp.dot(x, w0), init_scale=self.init_scale
+      )
       g0 = new_params["g"]
     g = self.param("g", lambda _: g0)
     w, _ = wn.apply({"v": v, "g": g}, transform.EmptyState(), training=False)
@@ -111,6 +124,7 @@ class SpectralNormDense(nn.Module):
     >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)), training=False)
     >>> y, _ = layer.apply(variables, jnp.ones((2, 3)), training=True, mutable=["batch_stats"])
   """
+
   features: int
   use_running_average: Optional[bool] = None
   use_bias: bool = True
@@ -120,16 +134,20 @@ class SpectralNormDense(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None):
-    training = modes.merge_linen(self.use_running_average, use_running_average, training,
-                                 layer=type(self).__name__)
+  def __call__(
+    self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None
+  ):
+    training = modes.merge_linen(
+      self.use_running_average, use_running_average, training, layer=type(self).__name__
+    )
     sn = weights_lib.spectral_norm(n_power_iterations=self.n_power_iterations, epsilon=self.epsilon)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     u = self.variable("batch_stats", "u", lambda: sn.init(kernel, self.make_rng("params"))[1].u)
     sigma = self.variable("batch_stats", "sigma", lambda: jnp.ones((), jnp.float32))
     update = training and not self.is_initializing()
-    w, new_state = sn.apply({"kernel": kernel}, weights_lib.SpectralNormState(u.value, sigma.value),
-                            training=update)
+    w, new_state = sn.apply(
+      {"kernel": kernel}, weights_lib.SpectralNormState(u.value, sigma.value), training=update
+    )
     if update and self.is_mutable_collection("batch_stats"):
       u.value, sigma.value = new_state.u, new_state.sigma
     y = jnp.dot(x, w)

@@ -6,6 +6,7 @@ gives `use_running_average` or normjax's `training=`. Every constructor lists th
 configuration explicitly. The nnx-specific tools (population recalibration, folding, flax state
 conversion) live here too.
 """
+
 from normjax.nnx._batch_norm import BatchCount
 from normjax.nnx._batch_norm import BatchNorm
 from normjax.nnx._batch_norm import BatchRenorm
@@ -27,8 +28,23 @@ from normjax.nnx._weights import WeightNormLinear
 from normjax.nnx._weights import WeightStandardizedConv
 
 __all__ = [
-    "BatchCount", "BatchNorm", "BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "GroupNorm",
-    "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNormDense", "SpectralNormLinear",
-    "VirtualBatchNorm", "WeightNormDense", "WeightNormLinear", "WeightStandardizedConv",
-    "fold_batch_norm_pair", "from_flax_state", "recalibrate_batch_stats", "to_flax_state",
+  "BatchCount",
+  "BatchNorm",
+  "BatchRenorm",
+  "FrozenBatchNorm",
+  "GhostBatchNorm",
+  "GroupNorm",
+  "InstanceNorm",
+  "LayerNorm",
+  "RMSNorm",
+  "SpectralNormDense",
+  "SpectralNormLinear",
+  "VirtualBatchNorm",
+  "WeightNormDense",
+  "WeightNormLinear",
+  "WeightStandardizedConv",
+  "fold_batch_norm_pair",
+  "from_flax_state",
+  "recalibrate_batch_stats",
+  "to_flax_state",
 ]

@@ -34,7 +34,9 @@ class BatchCount(nnx.BatchStat):
 
 # Population recalibration (`normjax.nnx.recalibrate_batch_stats`) sets a dict here; every training
 # call of a BatchNorm then records its batch's (count, mean, var) under `id(module)`.
-_RECORDER: contextvars.ContextVar = contextvars.ContextVar("normjax_nnx_batch_moments", default=None)
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar(
+  "normjax_nnx_batch_moments", default=None
+)
 
 
 @contextlib.contextmanager
@@ -114,32 +116,36 @@ class BatchNorm(nnx.Module):
     Ioffe 2017, arXiv:1702.03275 (Batch Renormalization).
   """
 
-  def __init__(self, num_features: Union[int, Sequence[int]], *,
-               use_running_average: Optional[bool] = False,
-               axis: validation.Axes = -1,
-               momentum: Optional[float] = 0.99,
-               epsilon: float = 1e-5,
-               debias: bool = False,
-               unbiased_running_var: bool = False,
-               use_scale: bool = True,
-               use_bias: bool = True,
-               stats_method: str = "shifted",
-               use_fast_variance: Optional[bool] = None,
-               axis_name: Any = None,
-               axis_index_groups: Any = None,
-               ghost_batch_size: Optional[int] = None,
-               ghost_grouping: str = "consecutive",
-               renorm: bool = False,
-               r_max: renorm_lib.ScalarOrSchedule = 3.0,
-               d_max: renorm_lib.ScalarOrSchedule = 5.0,
-               check_finite: bool = False,
-               dtype: Any = None,
-               param_dtype: Any = jnp.float32,
-               scale_init: Any = _common.ONES,
-               bias_init: Any = _common.ZEROS,
-               scale_metadata: Mapping[str, Any] = _EMPTY,
-               bias_metadata: Mapping[str, Any] = _EMPTY,
-               rngs: Optional[nnx.Rngs] = None):
+  def __init__(
+    self,
+    num_features: Union[int, Sequence[int]],
+    *,
+    use_running_average: Optional[bool] = False,
+    axis: validation.Axes = -1,
+    momentum: Optional[float] = 0.99,
+    epsilon: float = 1e-5,
+    debias: bool = False,
+    unbiased_running_var: bool = False,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    stats_method: str = "shifted",
+    use_fast_variance: Optional[bool] = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    ghost_batch_size: Optional[int] = None,
+    ghost_grouping: str = "consecutive",
+    renorm: bool = False,
+    r_max: renorm_lib.ScalarOrSchedule = 3.0,
+    d_max: renorm_lib.ScalarOrSchedule = 5.0,
+    check_finite: bool = False,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    scale_init: Any = _common.ONES,
+    bias_init: Any = _common.ZEROS,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    rngs: Optional[nnx.Rngs] = None,
+  ):
     layer = type(self).__name__
     use_running_average = modes.check_flag(use_running_average, "use_running_average")
     method = _common.stats_method(use_fast_variance, stats_method)
@@ -153,17 +159,33 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(state.mean)
     self.var = nnx.BatchStat(state.var)
     self.count = BatchCount(state.count)
-    _common.affine(self, shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-                   bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-                   scale_metadata=scale_metadata, bias_metadata=bias_metadata, layer=layer)
+    _common.affine(
+      self,
+      shape,
+      use_scale=use_scale,
+      use_bias=use_bias,
+      scale_init=scale_init,
+      bias_init=bias_init,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      scale_metadata=scale_metadata,
+      bias_metadata=bias_metadata,
+      layer=layer,
+    )
 
   @property
   def config(self) -> bn_lib.BatchNormConfig:
     """The core configuration built from the current attributes (validated)."""
     return _common.build_config(self, bn_lib.BatchNormConfig)
 
-  def __call__(self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None,
-               mask=None):
+  def __call__(
+    self,
+    x,
+    use_running_average: Optional[bool] = None,
+    *,
+    training: Optional[bool] = None,
+    mask=None,
+  ):
     """Normalizes `x`; in training also updates `mean`, `var` and `count`.
 
     Args:
@@ -175,11 +197,16 @@ class BatchNorm(nnx.Module):
     Returns:
       The normalized `x`, in `dtype` (default: `x`'s).
     """
-    training = modes.merge_override(self.use_running_average, use_running_average, training,
-                                    layer=f"normjax.nnx.{type(self).__name__}")
+    training = modes.merge_override(
+      self.use_running_average,
+      use_running_average,
+      training,
+      layer=f"normjax.nnx.{type(self).__name__}",
+    )
     state = bn_lib.BatchNormState(self.mean[...], self.var[...], self.count[...])
     y, new_state, moments = bn_lib.apply_with_batch_moments(
-        self.config, _common.affine_params(self), state, x, training=training, mask=mask)
+      self.config, _common.affine_params(self), state, x, training=training, mask=mask
+    )
     if training:
       self.mean[...], self.var[...], self.count[...] = new_state
       _record(self, moments)
@@ -197,8 +224,12 @@ class BatchNorm(nnx.Module):
 
 def _signature_with_defaults(cls, **defaults) -> inspect.Signature:
   sig = inspect.signature(cls.__init__)
-  return sig.replace(parameters=[p.replace(default=defaults[p.name]) if p.name in defaults else p
-                                 for p in sig.parameters.values()])
+  return sig.replace(
+    parameters=[
+      p.replace(default=defaults[p.name]) if p.name in defaults else p
+      for p in sig.parameters.values()
+    ]
+  )
 
 
 class GhostBatchNorm(BatchNorm):
@@ -213,6 +244,7 @@ class GhostBatchNorm(BatchNorm):
   References:
     Hoffer, Hubara & Soudry 2017, arXiv:1705.08741.
   """
+
   _DEFAULTS = {"ghost_batch_size": 128}
 
   def __init__(self, num_features, **options):
@@ -232,13 +264,16 @@ class BatchRenorm(BatchNorm):
   References:
     Ioffe 2017, arXiv:1702.03275.
   """
+
   _DEFAULTS = {"renorm": True}
 
   def __init__(self, num_features, **options):
     super().__init__(num_features, **{**self._DEFAULTS, **options})
 
 
-GhostBatchNorm.__init__.__signature__ = _signature_with_defaults(BatchNorm, **GhostBatchNorm._DEFAULTS)
+GhostBatchNorm.__init__.__signature__ = _signature_with_defaults(
+  BatchNorm, **GhostBatchNorm._DEFAULTS
+)
 BatchRenorm.__init__.__signature__ = _signature_with_defaults(BatchNorm, **BatchRenorm._DEFAULTS)
 
 
@@ -271,14 +306,18 @@ def to_flax_state(state_or_model):
     return nnx.filter_state(state_or_model, nnx.Not(BatchCount))
   if isinstance(state_or_model, Mapping):
     return _drop_counts(state_or_model)
-  raise TypeError(f"state_or_model is a {type(state_or_model).__name__}; expected an nnx.Module, an "
-                  "nnx.State or a nested dict of arrays")
+  raise TypeError(
+    f"state_or_model is a {type(state_or_model).__name__}; expected an nnx.Module, an "
+    "nnx.State or a nested dict of arrays"
+  )
 
 
 def _drop_counts(tree):
   if not isinstance(tree, Mapping):
     return tree
-  is_bn = "count" in tree and "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping)
+  is_bn = (
+    "count" in tree and "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping)
+  )
   return {k: _drop_counts(v) for k, v in tree.items() if not (is_bn and k == "count")}
 
 
@@ -318,14 +357,18 @@ def from_flax_state(model: nnx.Module, flax_state, *, count: Optional[int] = Non
     100
   """
   if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
-    raise ValueError(f"count={count!r} must be a non-negative int (training steps behind the state)")
+    raise ValueError(
+      f"count={count!r} must be a non-negative int (training steps behind the state)"
+    )
   layers = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
   if count is None:
     needy = ["/".join(map(str, path)) or "<root>" for path, m in layers if _needs_count(m)]
     if needy:
-      raise ValueError(f"count=None but the BatchNorm layer(s) {needy} use {_COUNT_OPTIONS}, which "
-                       "read the update count that a flax state does not have; pass count=<number "
-                       "of training steps behind flax_state>")
+      raise ValueError(
+        f"count=None but the BatchNorm layer(s) {needy} use {_COUNT_OPTIONS}, which "
+        "read the update count that a flax state does not have; pass count=<number "
+        "of training steps behind flax_state>"
+      )
   nnx.update(model, flax_state)
   if count is not None:
     for _, m in layers:
@@ -335,4 +378,3 @@ def from_flax_state(model: nnx.Module, flax_state, *, count: Optional[int] = Non
 def batch_norm_layers(model: nnx.Module):
   """[(path, layer)] for every normjax nnx BatchNorm (and subclass) in `model`."""
   return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
-

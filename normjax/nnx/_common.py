@@ -30,8 +30,10 @@ def config_from(config_cls, values: Mapping[str, Any], layer: str, **overrides):
     elif field.name in values:
       kwargs[field.name] = values[field.name]
     else:
-      raise TypeError(f"{layer} has no argument for the {config_cls.__name__} option {field.name!r}; "
-                      "the nnx face must list every option of the core configuration")
+      raise TypeError(
+        f"{layer} has no argument for the {config_cls.__name__} option {field.name!r}; "
+        "the nnx face must list every option of the core configuration"
+      )
   return config_cls(**kwargs)
 
 
@@ -39,24 +41,40 @@ def feature_shape(num_features: Union[int, Sequence[int]], axes, layer: str) -> 
   """`(num_features,)` for one feature axis; a tuple of sizes, one per axis, for several."""
   n_axes = len(axes) if isinstance(axes, (tuple, list)) else 1
   sizes = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-  if (len(sizes) != n_axes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1
-                                  for s in sizes)):
-    raise ValueError(f"{layer}: num_features={num_features!r} must be a positive int (one feature "
-                     f"axis) or a tuple of {n_axes} positive ints, one per feature axis of "
-                     f"{axes!r}")
+  if len(sizes) != n_axes or any(
+    not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes
+  ):
+    raise ValueError(
+      f"{layer}: num_features={num_features!r} must be a positive int (one feature "
+      f"axis) or a tuple of {n_axes} positive ints, one per feature axis of "
+      f"{axes!r}"
+    )
   return sizes
 
 
-def affine(module: nnx.Module, shape, *, use_scale: bool, use_bias: bool, scale_init, bias_init,
-           param_dtype, rngs: Optional[nnx.Rngs], scale_metadata=None, bias_metadata=None,
-           layer: str) -> None:
+def affine(
+  module: nnx.Module,
+  shape,
+  *,
+  use_scale: bool,
+  use_bias: bool,
+  scale_init,
+  bias_init,
+  param_dtype,
+  rngs: Optional[nnx.Rngs],
+  scale_metadata=None,
+  bias_metadata=None,
+  layer: str,
+) -> None:
   """Sets `module.scale` / `module.bias` (`nnx.Param`, or None) as flax nnx does.
 
   Keys are drawn from `rngs.params()` for the scale, then the bias, in flax's order, so a normjax layer
   and a flax layer built from equal `nnx.Rngs` get equal parameters whatever the initializers.
   """
-  for name, use, init, metadata in (("scale", use_scale, scale_init, scale_metadata),
-                                    ("bias", use_bias, bias_init, bias_metadata)):
+  for name, use, init, metadata in (
+    ("scale", use_scale, scale_init, scale_metadata),
+    ("bias", use_bias, bias_init, bias_metadata),
+  ):
     if not use:
       setattr(module, name, nnx.data(None))
       continue
@@ -65,8 +83,9 @@ def affine(module: nnx.Module, shape, *, use_scale: bool, use_bias: bool, scale_
     elif any(init is k for k in _KEYLESS):
       key = None
     else:
-      raise ValueError(f"{layer}: {name}_init={init!r} needs a random key but rngs=None; pass "
-                       "rngs=nnx.Rngs(seed)")
+      raise ValueError(
+        f"{layer}: {name}_init={init!r} needs a random key but rngs=None; pass rngs=nnx.Rngs(seed)"
+      )
     setattr(module, name, nnx.Param(init(key, shape, param_dtype), **dict(metadata or {})))
 
 
@@ -103,8 +122,9 @@ def store_options(module: nnx.Module, config, fixed=(), **raw) -> None:
 
 def build_config(module: nnx.Module, config_cls, **fixed):
   """The validated core configuration from `module`'s current attributes and the class's `fixed`."""
-  values = {f.name: getattr(module, f.name) for f in dataclasses.fields(config_cls)
-            if f.name not in fixed}
+  values = {
+    f.name: getattr(module, f.name) for f in dataclasses.fields(config_cls) if f.name not in fixed
+  }
   if "stats_method" in values and hasattr(module, "use_fast_variance"):
     values["stats_method"] = stats_method(module.use_fast_variance, values["stats_method"])
   return config_cls(**values, **fixed)

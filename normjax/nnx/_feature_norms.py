@@ -26,23 +26,34 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 class _FeatureNorm(nnx.Module):
   """Shared body: options kept as attributes, `scale` / `bias` as `nnx.Param`, the pure transform."""
+
   _KIND = "layer"
 
   def _setup(self, values, *, num_features, feature_axes, rngs, fixed):
     layer = f"normjax.nnx.{type(self).__name__}"
     method = _common.stats_method(values["use_fast_variance"], values["stats_method"])
-    config = _common.config_from(fn_lib.FeatureNormConfig, values, layer, kind=self._KIND,
-                                 stats_method=method, **fixed)
+    config = _common.config_from(
+      fn_lib.FeatureNormConfig, values, layer, kind=self._KIND, stats_method=method, **fixed
+    )
     shape = _common.feature_shape(num_features, feature_axes, layer)
     self.num_features = num_features
     self.use_fast_variance = values["use_fast_variance"]
-    _common.store_options(self, config, fixed=("kind",) + tuple(fixed),
-                          stats_method=values["stats_method"])
-    _common.affine(self, shape, use_scale=config.use_scale, use_bias=config.use_bias,
-                   scale_init=values.get("scale_init"), bias_init=values.get("bias_init"),
-                   param_dtype=config.param_dtype, rngs=rngs,
-                   scale_metadata=values.get("scale_metadata"),
-                   bias_metadata=values.get("bias_metadata"), layer=layer)
+    _common.store_options(
+      self, config, fixed=("kind",) + tuple(fixed), stats_method=values["stats_method"]
+    )
+    _common.affine(
+      self,
+      shape,
+      use_scale=config.use_scale,
+      use_bias=config.use_bias,
+      scale_init=values.get("scale_init"),
+      bias_init=values.get("bias_init"),
+      param_dtype=config.param_dtype,
+      rngs=rngs,
+      scale_metadata=values.get("scale_metadata"),
+      bias_metadata=values.get("bias_metadata"),
+      layer=layer,
+    )
 
   @property
   def config(self) -> fn_lib.FeatureNormConfig:
@@ -52,8 +63,14 @@ class _FeatureNorm(nnx.Module):
   def _fixed(self):
     return {}
 
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               training: Optional[bool] = None, mask=None):
+  def __call__(
+    self,
+    x,
+    use_running_average: Optional[bool] = None,
+    *,
+    training: Optional[bool] = None,
+    mask=None,
+  ):
     """Normalizes `x` with its own per-example statistics.
 
     Args:
@@ -66,8 +83,9 @@ class _FeatureNorm(nnx.Module):
       The normalized `x`, in `dtype` (default: `x`'s).
     """
     _common.stateless_mode(use_running_average, training, f"normjax.nnx.{type(self).__name__}")
-    y, _ = fn_lib.from_config(self.config).apply(_common.affine_params(self), transform.EmptyState(),
-                                                 x, training=False, mask=mask)
+    y, _ = fn_lib.from_config(self.config).apply(
+      _common.affine_params(self), transform.EmptyState(), x, training=False, mask=mask
+    )
     return y
 
 
@@ -98,17 +116,35 @@ class LayerNorm(_FeatureNorm):
   References:
     Ba, Kiros & Hinton 2016, arXiv:1607.06450.
   """
+
   _KIND = "layer"
 
-  def __init__(self, num_features: Union[int, Sequence[int]], *, epsilon: float = 1e-5,
-               dtype: Any = None, param_dtype: Any = jnp.float32, use_bias: bool = True,
-               use_scale: bool = True, bias_init: Any = _common.ZEROS, scale_init: Any = _common.ONES,
-               reduction_axes: validation.Axes = -1, feature_axes: validation.Axes = -1,
-               stats_method: str = "shifted", use_fast_variance: Optional[bool] = None,
-               rngs: Optional[nnx.Rngs] = None, bias_metadata: Mapping[str, Any] = _EMPTY,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
-    self._setup(locals(), num_features=num_features, feature_axes=feature_axes, rngs=rngs,
-                fixed={"num_groups": None, "group_size": None})
+  def __init__(
+    self,
+    num_features: Union[int, Sequence[int]],
+    *,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = _common.ZEROS,
+    scale_init: Any = _common.ONES,
+    reduction_axes: validation.Axes = -1,
+    feature_axes: validation.Axes = -1,
+    stats_method: str = "shifted",
+    use_fast_variance: Optional[bool] = None,
+    rngs: Optional[nnx.Rngs] = None,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+  ):
+    self._setup(
+      locals(),
+      num_features=num_features,
+      feature_axes=feature_axes,
+      rngs=rngs,
+      fixed={"num_groups": None, "group_size": None},
+    )
 
   def _fixed(self):
     return {"num_groups": None, "group_size": None}
@@ -131,16 +167,28 @@ class RMSNorm(_FeatureNorm):
   References:
     Zhang & Sennrich 2019, arXiv:1910.07467.
   """
+
   _KIND = "rms"
 
-  def __init__(self, num_features: Union[int, Sequence[int]], *, epsilon: float = 1e-5,
-               dtype: Any = None, param_dtype: Any = jnp.float32, use_scale: bool = True,
-               scale_init: Any = _common.ONES, reduction_axes: validation.Axes = -1,
-               feature_axes: validation.Axes = -1, stats_method: str = "shifted",
-               use_fast_variance: Optional[bool] = None, rngs: Optional[nnx.Rngs] = None,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
-    self._setup(locals(), num_features=num_features, feature_axes=feature_axes, rngs=rngs,
-                fixed=self._fixed())
+  def __init__(
+    self,
+    num_features: Union[int, Sequence[int]],
+    *,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_scale: bool = True,
+    scale_init: Any = _common.ONES,
+    reduction_axes: validation.Axes = -1,
+    feature_axes: validation.Axes = -1,
+    stats_method: str = "shifted",
+    use_fast_variance: Optional[bool] = None,
+    rngs: Optional[nnx.Rngs] = None,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+  ):
+    self._setup(
+      locals(), num_features=num_features, feature_axes=feature_axes, rngs=rngs, fixed=self._fixed()
+    )
 
   def _fixed(self):
     return {"num_groups": None, "group_size": None, "use_bias": False}
@@ -170,16 +218,30 @@ class GroupNorm(_FeatureNorm):
   References:
     Wu & He 2018, arXiv:1803.08494.
   """
+
   _KIND = "group"
 
-  def __init__(self, num_features: int, num_groups: Optional[int] = None,
-               group_size: Optional[int] = None, *, epsilon: float = 1e-5, dtype: Any = None,
-               param_dtype: Any = jnp.float32, use_bias: bool = True, use_scale: bool = True,
-               bias_init: Any = _common.ZEROS, scale_init: Any = _common.ONES,
-               feature_axes: int = -1, reduction_axes: Optional[validation.Axes] = None,
-               stats_method: str = "shifted", use_fast_variance: Optional[bool] = None,
-               rngs: Optional[nnx.Rngs] = None, bias_metadata: Mapping[str, Any] = _EMPTY,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
+  def __init__(
+    self,
+    num_features: int,
+    num_groups: Optional[int] = None,
+    group_size: Optional[int] = None,
+    *,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = _common.ZEROS,
+    scale_init: Any = _common.ONES,
+    feature_axes: int = -1,
+    reduction_axes: Optional[validation.Axes] = None,
+    stats_method: str = "shifted",
+    use_fast_variance: Optional[bool] = None,
+    rngs: Optional[nnx.Rngs] = None,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+  ):
     self._setup(locals(), num_features=num_features, feature_axes=feature_axes, rngs=rngs, fixed={})
     (channels,) = _common.feature_shape(num_features, feature_axes, "normjax.nnx.GroupNorm")
     if channels % (num_groups or group_size):
@@ -205,20 +267,40 @@ class InstanceNorm(_FeatureNorm):
   References:
     Ulyanov, Vedaldi & Lempitsky 2016, arXiv:1607.08022.
   """
+
   _KIND = "instance"
 
-  def __init__(self, num_features: int, *, epsilon: float = 1e-5, dtype: Any = None,
-               param_dtype: Any = jnp.float32, use_bias: bool = True, use_scale: bool = True,
-               bias_init: Any = _common.ZEROS, scale_init: Any = _common.ONES,
-               feature_axes: int = -1, reduction_axes: Optional[validation.Axes] = None,
-               stats_method: str = "shifted", use_fast_variance: Optional[bool] = None,
-               rngs: Optional[nnx.Rngs] = None, bias_metadata: Mapping[str, Any] = _EMPTY,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = _common.ZEROS,
+    scale_init: Any = _common.ONES,
+    feature_axes: int = -1,
+    reduction_axes: Optional[validation.Axes] = None,
+    stats_method: str = "shifted",
+    use_fast_variance: Optional[bool] = None,
+    rngs: Optional[nnx.Rngs] = None,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+  ):
     if not isinstance(feature_axes, int) or isinstance(feature_axes, bool):
-      raise ValueError(f"normjax.nnx.InstanceNorm: feature_axes={feature_axes!r} must be a single "
-                       "channel axis (an int)")
-    self._setup(locals(), num_features=num_features, feature_axes=feature_axes, rngs=rngs,
-                fixed={"num_groups": None, "group_size": None})
+      raise ValueError(
+        f"normjax.nnx.InstanceNorm: feature_axes={feature_axes!r} must be a single "
+        "channel axis (an int)"
+      )
+    self._setup(
+      locals(),
+      num_features=num_features,
+      feature_axes=feature_axes,
+      rngs=rngs,
+      fixed={"num_groups": None, "group_size": None},
+    )
 
   def _fixed(self):
     return {"num_groups": None, "group_size": None}

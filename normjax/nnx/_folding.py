@@ -49,21 +49,32 @@ def fold_batch_norm_pair(layer: Union[nnx.Conv, nnx.Linear], bn) -> Union[nnx.Co
   References:
     Jacob et al. 2018, arXiv:1712.05877 (§3.2, batch-norm folding).
   """
-  if (not isinstance(layer, (nnx.Conv, nnx.Linear))
-      or isinstance(layer, _weights.WeightStandardizedConv)):
-    raise TypeError(f"layer is a {type(layer).__name__}; expected a flax.nnx.Conv or flax.nnx.Linear "
-                    "whose kernel is used as stored")
+  if not isinstance(layer, (nnx.Conv, nnx.Linear)) or isinstance(
+    layer, _weights.WeightStandardizedConv
+  ):
+    raise TypeError(
+      f"layer is a {type(layer).__name__}; expected a flax.nnx.Conv or flax.nnx.Linear "
+      "whose kernel is used as stored"
+    )
   if not isinstance(bn, _BATCH_NORMS):
-    raise TypeError(f"bn is a {type(bn).__name__}; expected a normjax.nnx.BatchNorm, "
-                    "normjax.nnx.FrozenBatchNorm or flax.nnx.BatchNorm")
+    raise TypeError(
+      f"bn is a {type(bn).__name__}; expected a normjax.nnx.BatchNorm, "
+      "normjax.nnx.FrozenBatchNorm or flax.nnx.BatchNorm"
+    )
   if bn.axis not in (-1, (-1,)):
-    raise ValueError(f"bn normalizes axis={bn.axis!r}; folding needs the last axis (axis=-1), where "
-                     f"the {type(layer).__name__} puts its output features")
+    raise ValueError(
+      f"bn normalizes axis={bn.axis!r}; folding needs the last axis (axis=-1), where "
+      f"the {type(layer).__name__} puts its output features"
+    )
   bn_params = {k: getattr(bn, k)[...] for k in ("scale", "bias") if getattr(bn, k) is not None}
   bias = None if layer.bias is None else layer.bias[...]
-  kernel, bias = folding.fold_batch_norm(layer.kernel[...], bias, bn_params,
-                                         {"mean": bn.mean[...], "var": bn.var[...]},
-                                         epsilon=bn.epsilon)
+  kernel, bias = folding.fold_batch_norm(
+    layer.kernel[...],
+    bias,
+    bn_params,
+    {"mean": bn.mean[...], "var": bn.var[...]},
+    epsilon=bn.epsilon,
+  )
   folded = nnx.clone(layer)
   folded.kernel[...] = kernel
   if folded.bias is None:

@@ -40,12 +40,23 @@ class FrozenBatchNorm(nnx.Module):
     Ioffe & Szegedy 2015, arXiv:1502.03167; Wu et al., Detectron2 (FrozenBatchNorm2d).
   """
 
-  def __init__(self, num_features: Union[int, Sequence[int]], *, axis: validation.Axes = -1,
-               epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
-               trainable_affine: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
-               scale_init: Any = _common.ONES, bias_init: Any = _common.ZEROS,
-               scale_metadata: Mapping[str, Any] = _EMPTY, bias_metadata: Mapping[str, Any] = _EMPTY,
-               rngs: Optional[nnx.Rngs] = None):
+  def __init__(
+    self,
+    num_features: Union[int, Sequence[int]],
+    *,
+    axis: validation.Axes = -1,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    trainable_affine: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    scale_init: Any = _common.ONES,
+    bias_init: Any = _common.ZEROS,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    rngs: Optional[nnx.Rngs] = None,
+  ):
     layer = "normjax.nnx.FrozenBatchNorm"
     config = _common.config_from(fbn_lib.FrozenBatchNormConfig, locals(), layer)
     shape = _common.feature_shape(num_features, config.axis, layer)
@@ -55,9 +66,19 @@ class FrozenBatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(state.mean)
     self.var = nnx.BatchStat(state.var)
     self.count = _batch_norm.BatchCount(state.count)
-    _common.affine(self, shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-                   bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-                   scale_metadata=scale_metadata, bias_metadata=bias_metadata, layer=layer)
+    _common.affine(
+      self,
+      shape,
+      use_scale=use_scale,
+      use_bias=use_bias,
+      scale_init=scale_init,
+      bias_init=bias_init,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      scale_metadata=scale_metadata,
+      bias_metadata=bias_metadata,
+      layer=layer,
+    )
 
   @classmethod
   def from_batch_norm(cls, bn, *, trainable_affine: bool = True) -> "FrozenBatchNorm":
@@ -70,11 +91,19 @@ class FrozenBatchNorm(nnx.Module):
       >>> frozen = njn.FrozenBatchNorm.from_batch_norm(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
     """
     if not isinstance(bn, (_batch_norm.BatchNorm, nnx.BatchNorm)):
-      raise TypeError(f"bn is a {type(bn).__name__}; expected a normjax.nnx.BatchNorm or a "
-                      "flax.nnx.BatchNorm")
-    frozen = cls(bn.num_features, axis=bn.axis, epsilon=bn.epsilon, use_scale=bn.use_scale,
-                 use_bias=bn.use_bias, trainable_affine=trainable_affine, dtype=bn.dtype,
-                 param_dtype=bn.param_dtype)
+      raise TypeError(
+        f"bn is a {type(bn).__name__}; expected a normjax.nnx.BatchNorm or a flax.nnx.BatchNorm"
+      )
+    frozen = cls(
+      bn.num_features,
+      axis=bn.axis,
+      epsilon=bn.epsilon,
+      use_scale=bn.use_scale,
+      use_bias=bn.use_bias,
+      trainable_affine=trainable_affine,
+      dtype=bn.dtype,
+      param_dtype=bn.param_dtype,
+    )
     nnx.update(frozen, nnx.clone(nnx.state(bn)))
     return frozen
 
@@ -83,11 +112,18 @@ class FrozenBatchNorm(nnx.Module):
     """The core configuration built from the current attributes (validated)."""
     return _common.build_config(self, fbn_lib.FrozenBatchNormConfig)
 
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               training: Optional[bool] = None, mask=None):
+  def __call__(
+    self,
+    x,
+    use_running_average: Optional[bool] = None,
+    *,
+    training: Optional[bool] = None,
+    mask=None,
+  ):
     """Normalizes `x` with the stored statistics (the mode flags are checked and ignored)."""
     _common.stateless_mode(use_running_average, training, "normjax.nnx.FrozenBatchNorm")
     state = bn_lib.BatchNormState(self.mean[...], self.var[...], self.count[...])
-    y, _ = fbn_lib.from_config(self.config).apply(_common.affine_params(self), state, x,
-                                                  training=False, mask=mask)
+    y, _ = fbn_lib.from_config(self.config).apply(
+      _common.affine_params(self), state, x, training=False, mask=mask
+    )
     return y

@@ -18,9 +18,14 @@ def _default_forward(model, batch):
   return model(batch)
 
 
-def recalibrate_batch_stats(model: nnx.Module, batches: Iterable[Any], *,
-                            forward: Optional[Callable[[nnx.Module, Any], Any]] = None,
-                            unbiased: bool = False, jit: bool = True) -> None:
+def recalibrate_batch_stats(
+  model: nnx.Module,
+  batches: Iterable[Any],
+  *,
+  forward: Optional[Callable[[nnx.Module, Any], Any]] = None,
+  unbiased: bool = False,
+  jit: bool = True,
+) -> None:
   """Sets every normjax nnx BatchNorm's running `mean` / `var` to population statistics, in place.
 
   A copy of the model, with every `normjax.nnx.BatchNorm` (and subclass) in training mode
@@ -82,15 +87,18 @@ def recalibrate_batch_stats(model: nnx.Module, batches: Iterable[Any], *,
   total = None
   for batch in batches:
     moments = step_fn(state, batch)
-    total = moments if total is None else {
-        k: stats.merge_moments(*total[k], *moments[k]) for k in total}
+    total = (
+      moments if total is None else {k: stats.merge_moments(*total[k], *moments[k]) for k in total}
+    )
   if total is None:
     raise ValueError("batches is empty; recalibration needs at least one batch")
   missing = [_name(path) for path, _ in layers if _name(path) not in total]
   if missing:
-    raise ValueError(f"BatchNorm layer(s) {missing} reported no batch moments: forward(model, batch) "
-                     "must call every normjax.nnx.BatchNorm in training mode (leave the mode to the "
-                     "layer attribute, or pass training=True)")
+    raise ValueError(
+      f"BatchNorm layer(s) {missing} reported no batch moments: forward(model, batch) "
+      "must call every normjax.nnx.BatchNorm in training mode (leave the mode to the "
+      "layer attribute, or pass training=True)"
+    )
   for path, layer in layers:
     count, mean, var = total[_name(path)]
     if unbiased:

@@ -44,17 +44,31 @@ class VirtualBatchNorm(nnx.Module):
     Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498, §3.4.
   """
 
-  def __init__(self, num_features: Union[int, Sequence[int]], *, reference=None, reference_mask=None,
-               axis: validation.Axes = -1, epsilon: float = 1e-5, use_scale: bool = True,
-               use_bias: bool = True, stats_method: str = "shifted",
-               use_fast_variance: Optional[bool] = None, dtype: Any = None,
-               param_dtype: Any = jnp.float32, scale_init: Any = _common.ONES,
-               bias_init: Any = _common.ZEROS, scale_metadata: Mapping[str, Any] = _EMPTY,
-               bias_metadata: Mapping[str, Any] = _EMPTY, rngs: Optional[nnx.Rngs] = None):
+  def __init__(
+    self,
+    num_features: Union[int, Sequence[int]],
+    *,
+    reference=None,
+    reference_mask=None,
+    axis: validation.Axes = -1,
+    epsilon: float = 1e-5,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    stats_method: str = "shifted",
+    use_fast_variance: Optional[bool] = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    scale_init: Any = _common.ONES,
+    bias_init: Any = _common.ZEROS,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    rngs: Optional[nnx.Rngs] = None,
+  ):
     layer = "normjax.nnx.VirtualBatchNorm"
     method = _common.stats_method(use_fast_variance, stats_method)
-    config = _common.config_from(vbn_lib.VirtualBatchNormConfig, locals(), layer,
-                                 stats_method=method)
+    config = _common.config_from(
+      vbn_lib.VirtualBatchNormConfig, locals(), layer, stats_method=method
+    )
     shape = _common.feature_shape(num_features, config.axis, layer)
     self.num_features = num_features
     self.use_fast_variance = use_fast_variance
@@ -63,9 +77,19 @@ class VirtualBatchNorm(nnx.Module):
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
     self.count = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.has_reference = False
-    _common.affine(self, shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-                   bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-                   scale_metadata=scale_metadata, bias_metadata=bias_metadata, layer=layer)
+    _common.affine(
+      self,
+      shape,
+      use_scale=use_scale,
+      use_bias=use_bias,
+      scale_init=scale_init,
+      bias_init=bias_init,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      scale_metadata=scale_metadata,
+      bias_metadata=bias_metadata,
+      layer=layer,
+    )
     if reference is not None:
       self.set_reference(reference, mask=reference_mask)
 
@@ -82,14 +106,22 @@ class VirtualBatchNorm(nnx.Module):
     """
     _, state = vbn_lib.from_config(self.config).init(reference, mask=mask)
     if state.mean.shape != self.mean[...].shape:
-      raise ValueError(f"reference of shape {jnp.shape(reference)} has features of shape "
-                       f"{state.mean.shape} on axis={self.axis!r}; the layer has "
-                       f"{self.mean[...].shape} (num_features={self.num_features!r})")
+      raise ValueError(
+        f"reference of shape {jnp.shape(reference)} has features of shape "
+        f"{state.mean.shape} on axis={self.axis!r}; the layer has "
+        f"{self.mean[...].shape} (num_features={self.num_features!r})"
+      )
     self.mean[...], self.var[...], self.count[...] = state
     self.has_reference = True
 
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               training: Optional[bool] = None, mask=None):
+  def __call__(
+    self,
+    x,
+    use_running_average: Optional[bool] = None,
+    *,
+    training: Optional[bool] = None,
+    mask=None,
+  ):
     """Normalizes each example of `x` with the reference batch plus that example.
 
     Args:
@@ -99,11 +131,12 @@ class VirtualBatchNorm(nnx.Module):
     """
     _common.stateless_mode(use_running_average, training, "normjax.nnx.VirtualBatchNorm")
     if not self.has_reference:
-      raise ValueError("normjax.nnx.VirtualBatchNorm has no reference batch: pass reference= to the "
-                       "constructor or call layer.set_reference(reference_batch) first")
+      raise ValueError(
+        "normjax.nnx.VirtualBatchNorm has no reference batch: pass reference= to the "
+        "constructor or call layer.set_reference(reference_batch) first"
+      )
     state = vbn_lib.VirtualBatchNormState(self.mean[...], self.var[...], self.count[...])
-    y, _ = vbn_lib.from_config(self.config).apply(_common.affine_params(self), state, x,
-                                                  training=False, mask=mask)
+    y, _ = vbn_lib.from_config(self.config).apply(
+      _common.affine_params(self), state, x, training=False, mask=mask
+    )
     return y
-
-

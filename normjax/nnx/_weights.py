@@ -30,6 +30,7 @@ class _StandardizeKernel:
   the raw kernel stays the `kernel` parameter and the convolution (padding, dilation, groups, ...) is
   flax's own.
   """
+
   epsilon: float
   promote_dtype: Callable
 
@@ -66,13 +67,28 @@ class WeightStandardizedConv(nnx.Conv):
     Standardization", arXiv:1903.10520.
   """
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
-               strides: Union[None, int, Sequence[int]] = 1, *, ws_epsilon: float = 1e-5,
-               promote_dtype: Callable = flax_dtypes.promote_dtype, rngs: nnx.Rngs, **conv_options):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: Union[int, Sequence[int]],
+    strides: Union[None, int, Sequence[int]] = 1,
+    *,
+    ws_epsilon: float = 1e-5,
+    promote_dtype: Callable = flax_dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    **conv_options,
+  ):
     validation.check_positive(ws_epsilon, "ws_epsilon")
-    super().__init__(in_features, out_features, kernel_size, strides,
-                     promote_dtype=_StandardizeKernel(ws_epsilon, promote_dtype), rngs=rngs,
-                     **conv_options)
+    super().__init__(
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      promote_dtype=_StandardizeKernel(ws_epsilon, promote_dtype),
+      rngs=rngs,
+      **conv_options,
+    )
     self.ws_epsilon = ws_epsilon
 
 
@@ -81,8 +97,9 @@ def _key(rngs: Optional[nnx.Rngs], init, name: str, layer: str):
     return rngs.params()
   if init is nnx.initializers.zeros or init is _common.ZEROS:
     return None
-  raise ValueError(f"{layer}: {name}={init!r} needs a random key but rngs=None; pass "
-                   "rngs=nnx.Rngs(seed)")
+  raise ValueError(
+    f"{layer}: {name}={init!r} needs a random key but rngs=None; pass rngs=nnx.Rngs(seed)"
+  )
 
 
 class WeightNormLinear(nnx.Module):
@@ -116,19 +133,33 @@ class WeightNormLinear(nnx.Module):
     Salimans & Kingma 2016, "Weight Normalization", arXiv:1602.07868.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               epsilon: float = 1e-12, init_scale: float = 1.0, param_dtype: Any = jnp.float32,
-               kernel_init: Callable = _LECUN, bias_init: Callable = _common.ZEROS,
-               precision: Any = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    epsilon: float = 1e-12,
+    init_scale: float = 1.0,
+    param_dtype: Any = jnp.float32,
+    kernel_init: Callable = _LECUN,
+    bias_init: Callable = _common.ZEROS,
+    precision: Any = None,
+    rngs: nnx.Rngs,
+  ):
     layer = "normjax.nnx.WeightNormLinear"
     validation.check_positive(epsilon, "epsilon")
-    v = kernel_init(_key(rngs, kernel_init, "kernel_init", layer), (in_features, out_features),
-                    param_dtype)
+    v = kernel_init(
+      _key(rngs, kernel_init, "kernel_init", layer), (in_features, out_features), param_dtype
+    )
     params, _ = weights_lib.weight_norm(epsilon=epsilon).init(v)
     self.v = nnx.Param(params["v"])
     self.g = nnx.Param(params["g"])
-    self.bias = (nnx.Param(bias_init(_key(rngs, bias_init, "bias_init", layer), (out_features,),
-                                     param_dtype)) if use_bias else nnx.data(None))
+    self.bias = (
+      nnx.Param(bias_init(_key(rngs, bias_init, "bias_init", layer), (out_features,), param_dtype))
+      if use_bias
+      else nnx.data(None)
+    )
     self.in_features, self.out_features = in_features, out_features
     self.use_bias, self.epsilon, self.init_scale = use_bias, epsilon, init_scale
     self.param_dtype, self.precision = param_dtype, precision
@@ -136,14 +167,17 @@ class WeightNormLinear(nnx.Module):
   def kernel(self) -> jax.Array:
     """The kernel the layer uses, `g · v/‖v‖`."""
     w, _ = weights_lib.weight_norm(epsilon=self.epsilon).apply(
-        {"v": self.v[...], "g": self.g[...]}, transform.EmptyState(), training=False)
+      {"v": self.v[...], "g": self.g[...]}, transform.EmptyState(), training=False
+    )
     return w
 
   def data_init(self, x) -> None:
     """The paper's data-dependent initialization (§3) from the batch `x`: sets `g` and `bias`."""
     params, bias = weights_lib.weight_norm_data_init(
-        {"v": self.v[...], "g": self.g[...]}, jnp.dot(x, self.kernel(), precision=self.precision),
-        init_scale=self.init_scale)
+      {"v": self.v[...], "g": self.g[...]},
+      jnp.dot(x, self.kernel(), precision=self.precision),
+      init_scale=self.init_scale,
+    )
     self.g[...] = params["g"]
     if self.bias is not None:
       self.bias[...] = bias
@@ -183,19 +217,33 @@ class SpectralNormLinear(nnx.Module):
     Miyato et al. 2018, "Spectral Normalization for Generative Adversarial Networks", arXiv:1802.05957.
   """
 
-  def __init__(self, in_features: int, out_features: int, *,
-               use_running_average: Optional[bool] = False, use_bias: bool = True,
-               n_power_iterations: int = 1, epsilon: float = 1e-12, param_dtype: Any = jnp.float32,
-               kernel_init: Callable = _LECUN, bias_init: Callable = _common.ZEROS,
-               precision: Any = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_running_average: Optional[bool] = False,
+    use_bias: bool = True,
+    n_power_iterations: int = 1,
+    epsilon: float = 1e-12,
+    param_dtype: Any = jnp.float32,
+    kernel_init: Callable = _LECUN,
+    bias_init: Callable = _common.ZEROS,
+    precision: Any = None,
+    rngs: nnx.Rngs,
+  ):
     layer = "normjax.nnx.SpectralNormLinear"
     use_running_average = modes.check_flag(use_running_average, "use_running_average")
     sn = weights_lib.spectral_norm(n_power_iterations=n_power_iterations, epsilon=epsilon)
-    kernel = kernel_init(_key(rngs, kernel_init, "kernel_init", layer), (in_features, out_features),
-                         param_dtype)
+    kernel = kernel_init(
+      _key(rngs, kernel_init, "kernel_init", layer), (in_features, out_features), param_dtype
+    )
     self.kernel = nnx.Param(kernel)
-    self.bias = (nnx.Param(bias_init(_key(rngs, bias_init, "bias_init", layer), (out_features,),
-                                     param_dtype)) if use_bias else nnx.data(None))
+    self.bias = (
+      nnx.Param(bias_init(_key(rngs, bias_init, "bias_init", layer), (out_features,), param_dtype))
+      if use_bias
+      else nnx.data(None)
+    )
     _, state = sn.init(kernel, None if rngs is None else rngs.params())
     self.u = nnx.BatchStat(state.u)
     self.sigma = nnx.BatchStat(state.sigma)
@@ -204,14 +252,21 @@ class SpectralNormLinear(nnx.Module):
     self.n_power_iterations, self.epsilon = n_power_iterations, epsilon
     self.param_dtype, self.precision = param_dtype, precision
 
-  def __call__(self, x, use_running_average: Optional[bool] = None, *,
-               training: Optional[bool] = None):
-    training = modes.merge_override(self.use_running_average, use_running_average, training,
-                                    layer="normjax.nnx.SpectralNormLinear")
+  def __call__(
+    self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None
+  ):
+    training = modes.merge_override(
+      self.use_running_average,
+      use_running_average,
+      training,
+      layer="normjax.nnx.SpectralNormLinear",
+    )
     sn = weights_lib.spectral_norm(n_power_iterations=self.n_power_iterations, epsilon=self.epsilon)
-    w, state = sn.apply({"kernel": self.kernel[...]},
-                        weights_lib.SpectralNormState(self.u[...], self.sigma[...]),
-                        training=training)
+    w, state = sn.apply(
+      {"kernel": self.kernel[...]},
+      weights_lib.SpectralNormState(self.u[...], self.sigma[...]),
+      training=training,
+    )
     if training:
       self.u[...], self.sigma[...] = state
     y = jnp.dot(x, w, precision=self.precision)
