@@ -356,14 +356,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
   @property
   def axis_name(self):
+    """The vmapped axis name (or tuple of names) the statistics reduce over."""
     return self.config.axis_name
 
   @property
   def eps(self) -> float:
+    """Equinox's name for the core's `epsilon`."""
     return self.config.epsilon
 
   @property
   def momentum(self) -> Optional[float]:
+    """Weight of the old running value (Equinox's and normjax's convention); None: cumulative average."""
     return self.config.momentum
 
   def __call__(

@@ -127,6 +127,7 @@ class LayerNorm(eqx.Module):
 
   @property
   def eps(self) -> float:
+    """Equinox's name for the core's `epsilon`."""
     return self.config.epsilon
 
   def __call__(self, x, state=_NO_STATE, *, key=None, mask=None):
@@ -192,6 +193,7 @@ class RMSNorm(eqx.Module):
 
   @property
   def eps(self) -> float:
+    """Equinox's name for the core's `epsilon`."""
     return self.config.epsilon
 
   def __call__(self, x, state=_NO_STATE, *, key=None, mask=None):
@@ -283,6 +285,7 @@ class GroupNorm(eqx.Module):
 
   @property
   def eps(self) -> float:
+    """Equinox's name for the core's `epsilon`."""
     return self.config.epsilon
 
   def __call__(self, x, state=_NO_STATE, *, key=None, mask=None):
@@ -353,6 +356,7 @@ class InstanceNorm(eqx.Module):
 
   @property
   def eps(self) -> float:
+    """Equinox's name for the core's `epsilon`."""
     return self.config.epsilon
 
   def __call__(self, x, state=_NO_STATE, *, key=None, mask=None):

@@ -237,6 +237,7 @@ class VirtualBatchNorm(nn.Module):
     training: Optional[bool] = None,
     mask=None,
   ):
+    """Normalizes each example of `x` with the statistics of the reference batch together with that example."""
     for name, flag in (
       ("use_running_average", self.use_running_average),
       ("use_running_average", use_running_average),

@@ -46,6 +46,7 @@ class FrozenBatchNorm(nn.Module):
     training: Optional[bool] = None,
     mask=None,
   ):
+    """Normalizes `x` with the stored statistics (never updated); the mode flags are only type-checked."""
     for name, flag in (
       ("use_running_average", self.use_running_average),
       ("use_running_average", use_running_average),

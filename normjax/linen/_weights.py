@@ -40,6 +40,7 @@ class WeightStandardizedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    """Convolves `x` with the standardized kernel."""
     ws = weights_lib.weight_standardization(epsilon=self.ws_epsilon)
 
     def standardize(variables):  # {"params": {"kernel", "bias"}}, empty while initializing
@@ -92,6 +93,7 @@ class WeightNormDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    """Applies the Dense layer with the weight-normed kernel `g · v/‖v‖`."""
     wn = weights_lib.weight_norm(epsilon=self.epsilon)
     v = self.param("v", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     g0 = wn.init(v)[0]["g"]
@@ -137,6 +139,7 @@ class SpectralNormDense(nn.Module):
   def __call__(
     self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None
   ):
+    """Applies the Dense layer with the kernel divided by its spectral norm; in training, one power-iteration step updates `u` and `sigma`."""
     training = modes.merge_linen(
       self.use_running_average, use_running_average, training, layer=type(self).__name__
     )

@@ -183,6 +183,7 @@ class WeightNormLinear(nnx.Module):
       self.bias[...] = bias
 
   def __call__(self, x):
+    """Applies the linear layer with the weight-normed kernel `g · v/‖v‖`."""
     y = jnp.dot(x, self.kernel(), precision=self.precision)
     return y + self.bias[...] if self.bias is not None else y
 
@@ -255,6 +256,7 @@ class SpectralNormLinear(nnx.Module):
   def __call__(
     self, x, use_running_average: Optional[bool] = None, *, training: Optional[bool] = None
   ):
+    """Applies the linear layer with the kernel divided by its spectral norm; in training, one power-iteration step updates `u` and `sigma`."""
     training = modes.merge_override(
       self.use_running_average,
       use_running_average,
