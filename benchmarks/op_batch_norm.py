@@ -34,10 +34,6 @@ from jax.sharding import PartitionSpec as P
 import normjax
 from benchmarks import _common
 from normjax._src import batch_norm as batch_norm_lib
-from normjax._src import fused_batch_norm
-from normjax._src import renorm as renorm_lib
-from normjax._src import stats
-from normjax._src import validation
 
 SHAPES = [
   (56, 56, 64),
@@ -63,61 +59,20 @@ def _options(variant, batch):
   }[variant]
 
 
-def autodiff_output(options, params, state, x, mask=None):
-  """normjax's training-mode BatchNorm output differentiated by plain autodiff through the statistics
-  (`normalize_training(..., closed_form=False)`, the code path before the closed form): the same steps as
-  `batch_norm.apply_with_batch_moments`, for before/after comparisons."""
-  config = batch_norm_lib.BatchNormConfig(**options)
-  axes = batch_norm_lib.feature_axes(config, x.ndim)
-  bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
-  scale = params["scale"].reshape(bshape) if config.use_scale else None
-  bias = params["bias"].reshape(bshape) if config.use_bias else None
-  xg, mask_g = batch_norm_lib._grouped(  # pylint: disable=protected-access
-    config, x, validation.prepare_mask(mask, x.shape)
-  )
-  reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
-  r = d = None
-  if config.renorm:
-    mean, var, _ = stats.moments_and_count(
-      xg,
-      reduce_axes,
-      mask=mask_g,
-      axis_name=config.axis_name,
-      axis_index_groups=config.axis_index_groups,
-      method=config.stats_method,
-    )
-    r, d = renorm_lib.corrections(
-      mean,
-      var,
-      state.mean.reshape(bshape),
-      state.var.reshape(bshape),
-      state.count,
-      r_max=config.r_max,
-      d_max=config.d_max,
-      epsilon=config.epsilon,
-    )
-  y = fused_batch_norm.normalize_training(
-    xg,
-    mask_g,
-    scale,
-    bias,
-    r,
-    d,
-    reduce_axes=reduce_axes,
-    axis_name=config.axis_name,
-    axis_index_groups=config.axis_index_groups,
-    method=config.stats_method,
-    epsilon=config.epsilon,
-    dtype=config.dtype or x.dtype,
-    closed_form=False,
-  )
-  return y.reshape(x.shape)
-
-
 def autodiff_apply(bn, options, params, state, x, mask=None):
-  """`bn.apply(..., training=True)` with the output from `autodiff_output` (the state is unchanged)."""
-  _, new_state = bn.apply(params, state, x, training=True, mask=mask)
-  return autodiff_output(options, params, state, x, mask), new_state
+  """`bn.apply(..., training=True)` differentiated by plain autodiff through `moments` (the previous
+  path): the core's own training step with `closed_form=False`."""
+  del bn  # the options say everything
+  config = batch_norm_lib.BatchNormConfig(**options)
+  y, new_state, _ = batch_norm_lib.apply_with_batch_moments(
+    config, params, state, x, training=True, mask=mask, closed_form=False
+  )
+  return y, new_state
+
+
+def autodiff_output(options, params, state, x, mask=None):
+  """The output of `autodiff_apply`."""
+  return autodiff_apply(None, options, params, state, x, mask)[0]
 
 
 def _normjax_fns(variant, batch, x, closed_form=True):

@@ -17,9 +17,6 @@ import pytest
 import normjax
 from normjax._src import batch_norm as bn_lib
 from normjax._src import fused_batch_norm
-from normjax._src import renorm as renorm_lib
-from normjax._src import stats
-from normjax._src import validation
 from tests import helpers
 
 EPS = 1e-5
@@ -60,51 +57,11 @@ def _setup(options, shape, dtype, seed=0):
 
 
 def _autodiff_apply(options, params, state, x, mask):
-  """Training BatchNorm's output with plain autodiff through `moments` (`closed_form=False`): the same
-  steps as `apply_with_batch_moments`."""
+  """The same training output, differentiated by plain autodiff through `moments`."""
   config = bn_lib.BatchNormConfig(epsilon=EPS, **options)
-  axes = bn_lib.feature_axes(config, x.ndim)
-  bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
-  scale = params["scale"].reshape(bshape) if config.use_scale else None
-  bias = params["bias"].reshape(bshape) if config.use_bias else None
-  xg, mask_g = bn_lib._grouped(config, x, validation.prepare_mask(mask, x.shape))  # pylint: disable=protected-access
-  reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
-  r = d = None
-  if config.renorm:
-    mean, var, _ = stats.moments_and_count(
-      xg,
-      reduce_axes,
-      mask=mask_g,
-      axis_name=config.axis_name,
-      axis_index_groups=config.axis_index_groups,
-      method=config.stats_method,
-    )
-    r, d = renorm_lib.corrections(
-      mean,
-      var,
-      state.mean.reshape(bshape),
-      state.var.reshape(bshape),
-      state.count,
-      r_max=config.r_max,
-      d_max=config.d_max,
-      epsilon=EPS,
-    )
-  y = fused_batch_norm.normalize_training(
-    xg,
-    mask_g,
-    scale,
-    bias,
-    r,
-    d,
-    reduce_axes=reduce_axes,
-    axis_name=config.axis_name,
-    axis_index_groups=config.axis_index_groups,
-    method=config.stats_method,
-    epsilon=EPS,
-    dtype=config.dtype,
-    closed_form=False,
-  )
-  return y.reshape(x.shape)
+  return bn_lib.apply_with_batch_moments(
+    config, params, state, x, training=True, mask=mask, closed_form=False
+  )[0]
 
 
 def _vjp_fn(apply):

@@ -240,11 +240,15 @@ def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
   return y, new_state
 
 
-def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, training, mask=None):
+def apply_with_batch_moments(
+  config: BatchNormConfig, params, state, x, *, training, mask=None, closed_form: bool = True
+):
   """`apply`, also returning the batch's per-feature `(count, mean, var)` (None when not training).
 
   The moments are those of the whole (global, valid) batch, ghost groups merged exactly; population
   recalibration (`normjax.linen.recalibrate_batch_stats`) accumulates them. Unused, XLA drops them.
+  `closed_form=False` differentiates by plain autodiff through `moments` instead of the closed-form
+  rule (same values; the reference the tests and benchmarks compare against).
   """
   training = transform.check_training_flag(training)
   validation.check_float_input(x, "x")
@@ -304,6 +308,7 @@ def apply_with_batch_moments(config: BatchNormConfig, params, state, x, *, train
     method=config.stats_method,
     epsilon=config.epsilon,
     dtype=dtype,
+    closed_form=closed_form,
   )
   batch_mean, batch_var, batch_total = (
     v.reshape(feature_shape) for v in running_targets(config, mean, var, count)
