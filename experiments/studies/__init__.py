@@ -15,6 +15,7 @@ STUDIES = (
   "ghost_large_batch",
   "precise_bn",
   "covariate_shift",
+  "cifar_cnn_full_width",
 )
 
 
