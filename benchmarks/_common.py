@@ -4,9 +4,17 @@ Timing rules (every script): the compiled function is called once per input set 
 (compilation and warm-up excluded), then `repeats` timed calls rotate over the input sets, each ended by
 `jax.block_until_ready`; the median is reported. normjax and flax run in the same process on the same
 inputs.
+
+`time_paired` (the op benchmarks) adds two rules that the JAX performance guides' "measure what you
+mean" asks for on a shared CPU: before every timed call a buffer twice the size of the last-level cache
+is rewritten, so no implementation reads an input another one has just pulled into the cache (cold
+inputs, as a layer sees activations that left the cache long ago); and the order of the
+implementations rotates each round. A ratio is the median over rounds of the per-round ratio to the
+baseline, so a slow round (the machine's other tenants) counts against both sides of the ratio.
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -59,6 +67,63 @@ def time_interleaved(fns, input_sets, repeats: int) -> dict:
       jax.block_until_ready(fn(*inputs))
       times[name].append(time.perf_counter() - start)
   return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+_FLUSH = {}
+
+
+def last_level_cache_bytes() -> int:
+  """The size of the largest CPU cache (sysfs), or 32 MiB when it cannot be read."""
+  sizes = []
+  for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+    try:
+      text = open(path).read().strip().upper()
+      sizes.append(
+        int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text)
+      )
+    except (OSError, ValueError):
+      pass
+  return max(sizes, default=32 * 2**20)
+
+
+def flush_caches() -> None:
+  """Rewrites a float32 buffer of twice the last-level cache on the host (CPU backends only)."""
+  if jax.default_backend() != "cpu":
+    return
+  if "fn" not in _FLUSH:
+    _FLUSH["buffer"] = jax.numpy.zeros((2 * last_level_cache_bytes() // 4,), np.float32)
+    _FLUSH["fn"] = jax.jit(lambda b: b + 1.0)
+  jax.block_until_ready(_FLUSH["fn"](_FLUSH["buffer"]))
+
+
+def time_paired(fns, input_sets, repeats: int, baseline: str, flush: bool = True) -> dict:
+  """Round-robin timing with cold caches and rotating order; ratios paired by round.
+
+  Returns:
+    {name: {"median_s", "min_s", "ratio"}} with `ratio` the median over rounds of
+    time(name) / time(baseline) in the same round (1.0 for the baseline).
+  """
+  names = list(fns)
+  for fn in fns.values():
+    for inputs in input_sets:
+      jax.block_until_ready(fn(*inputs))
+  times = {name: [] for name in names}
+  for i in range(repeats):
+    inputs = input_sets[i % len(input_sets)]
+    for name in names[i % len(names) :] + names[: i % len(names)]:
+      if flush:
+        flush_caches()
+      start = time.perf_counter()
+      jax.block_until_ready(fns[name](*inputs))
+      times[name].append(time.perf_counter() - start)
+  return {
+    name: {
+      "median_s": statistics.median(t),
+      "min_s": min(t),
+      "ratio": statistics.median(a / b for a, b in zip(t, times[baseline])),
+    }
+    for name, t in times.items()
+  }
 
 
 def machine() -> dict:

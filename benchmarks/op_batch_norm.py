@@ -1,29 +1,38 @@
-"""BatchNorm op benchmark: normjax vs flax.linen.BatchNorm, forward and forward+backward.
+"""BatchNorm op benchmark: normjax vs flax.linen.BatchNorm; training forward, forward+backward, evaluation.
 
-Shapes are the BatchNorm inputs of ResNet-50 (NHWC). For each shape, dtype and variant it times, in one
-process on the same random inputs:
+For each shape, dtype and variant it times, in one process on the same random inputs:
 
   * normjax (`normjax.batch_norm` with the variant's options),
   * flax.linen.BatchNorm with its defaults (use_fast_variance=True, the baseline),
   * flax.linen.BatchNorm(use_fast_variance=False) (two-pass variance),
+  * optionally normjax differentiated by plain autodiff through the statistics (`normjax_autodiff`),
 
-for `fwd` (y and the new running statistics) and `fwd+bwd` (y, new statistics, dx, dscale, dbias via
-`jax.vjp` with a fixed random dy). Throughput is reported against the memory floor: N = bytes of x;
-forward floor 2N (read x, write y), forward+backward floor 5N (read x, write y, read x, read dy,
-write dx). `ratio` = normjax time / flax default time (< 1: normjax faster).
+in three modes: `fwd` (training forward: y and the new running statistics), `fwd+bwd` (also dx,
+dscale, dbias via `jax.vjp` with a fixed random dy) and `eval` (y from the running statistics; the same
+program for every variant, so it is timed for the default variant only). normjax's state is the one
+after a training step on data of the same distribution (count 1), the state every later step sees.
+Throughput is reported against the memory floor: N = bytes of x; floors 2N (fwd and eval: read x,
+write y) and 5N (fwd+bwd: read x, write y, read x, read dy, write dx).
+
+Timing (`_common.time_paired`): round-robin, cold caches, rotating order; `ratio` is the median over
+rounds of normjax's time / flax's time in the same round (< 1: normjax faster).
+
+Grids (`--grid`): `resnet50`: the BatchNorm inputs of ResNet-50 (NHWC) at `--batch` (default 8);
+`sweep`: batch sizes 32 to 256 at 12.8 MB float32 activations (32x28x28x128, 64x28x28x64, 128x14x14x128,
+256x7x7x256); `all` (default): both.
 
 Variants: default; ghost (ghost_batch_size = batch/2); renorm; sync (axis_name over a 1-device mesh under
 shard_map, flax with the same axis_name); masked (random (N,H,W,1) mask, ~90% valid, flax with the same
 mask). flax has no ghost or renorm option, so those rows compare against plain flax BatchNorm.
 
 Usage:
-  python -m benchmarks.op_batch_norm                       # CPU default: batch 8, all shapes and variants
-  python -m benchmarks.op_batch_norm --batch 128 --dtypes bfloat16 --variants default   # GPU-sized
-  python -m benchmarks.op_batch_norm --quick               # smoke test
+  python -m benchmarks.op_batch_norm                        # CPU: every grid, variant, dtype and mode
+  python -m benchmarks.op_batch_norm --grid sweep --variants default --dtypes float32
+  python -m benchmarks.op_batch_norm --batch 256 --grid resnet50 --dtypes bfloat16   # GPU-sized
+  python -m benchmarks.op_batch_norm --quick                # smoke test
 """
 
 import functools
-
 
 import flax.linen as nn
 import jax
@@ -33,9 +42,10 @@ from jax.sharding import PartitionSpec as P
 
 import normjax
 from benchmarks import _common
+from benchmarks import tables
 from normjax._src import batch_norm as batch_norm_lib
 
-SHAPES = [
+RESNET50_SHAPES = [
   (56, 56, 64),
   (56, 56, 256),
   (28, 28, 128),
@@ -45,11 +55,15 @@ SHAPES = [
   (7, 7, 512),
   (7, 7, 2048),
 ]
+SWEEP = [(32, 28, 28, 128), (64, 28, 28, 64), (128, 14, 14, 128), (256, 7, 7, 256)]
 VARIANTS = ("default", "ghost", "renorm", "sync", "masked")
+MODES = ("fwd", "fwd+bwd", "eval")
 AXIS = "batch"
+FLOOR = {"fwd": 2, "fwd+bwd": 5, "eval": 2}  # in units of N = bytes of x
 
 
-def _options(variant, batch):
+def variant_options(variant, batch):
+  """normjax's options for a benchmark variant."""
   return {
     "default": {},
     "ghost": {"ghost_batch_size": max(2, batch // 2)},
@@ -59,10 +73,9 @@ def _options(variant, batch):
   }[variant]
 
 
-def autodiff_apply(bn, options, params, state, x, mask=None):
-  """`bn.apply(..., training=True)` differentiated by plain autodiff through `moments` (the previous
+def autodiff_apply(options, params, state, x, mask=None):
+  """`apply(..., training=True)` differentiated by plain autodiff through `moments` (the previous
   path): the core's own training step with `closed_form=False`."""
-  del bn  # the options say everything
   config = batch_norm_lib.BatchNormConfig(**options)
   y, new_state, _ = batch_norm_lib.apply_with_batch_moments(
     config, params, state, x, training=True, mask=mask, closed_form=False
@@ -70,68 +83,71 @@ def autodiff_apply(bn, options, params, state, x, mask=None):
   return y, new_state
 
 
-def autodiff_output(options, params, state, x, mask=None):
-  """The output of `autodiff_apply`."""
-  return autodiff_apply(None, options, params, state, x, mask)[0]
-
-
-def _normjax_fns(variant, batch, x, closed_form=True):
-  options = _options(variant, batch)
-  bn = normjax.batch_norm(**options)
-  params, state = bn.init(x)
-  if closed_form:
-    apply = lambda p, state, x, mask: bn.apply(p, state, x, training=True, mask=mask)
-  else:
-    apply = functools.partial(autodiff_apply, bn, options)
+def _mode_fns(apply, evaluate):
+  """(fwd, fwd+bwd, eval) functions of (params, state, x, dy, mask) from a training `apply(params,
+  state, x, mask) -> (y, new_state)` and `evaluate(params, state, x) -> y`."""
 
   def fwd(params, state, x, dy, mask):
     del dy
     return apply(params, state, x, mask)
 
   def fwd_bwd(params, state, x, dy, mask):
-    f = lambda p, x: apply(p, state, x, mask)
-    y, vjp, new_state = jax.vjp(f, params, x, has_aux=True)
+    y, vjp, new_state = jax.vjp(lambda p, x: apply(p, state, x, mask), params, x, has_aux=True)
     dparams, dx = vjp(dy)
     return y, new_state, dx, dparams["scale"], dparams["bias"]
 
-  return fwd, fwd_bwd, params, state
+  def eval_(params, state, x, dy, mask):
+    del dy, mask
+    return evaluate(params, state, x)
+
+  return {"fwd": fwd, "fwd+bwd": fwd_bwd, "eval": eval_}
 
 
-def _flax_fns(variant, x, fast_variance):
+def normjax_fns(variant, batch, x, closed_form=True):
+  """Mode functions and (params, state) for normjax; the state has seen one training step."""
+  options = variant_options(variant, batch)
+  bn = normjax.batch_norm(**options)
+  params, state = bn.init(x)
+  warm = normjax.batch_norm(**{k: v for k, v in options.items() if k != "axis_name"})
+  state = jax.jit(lambda p, s, x: warm.apply(p, s, x, training=True)[1])(params, state, x * 0.9)
+  if closed_form:
+    apply = lambda p, state, x, mask: bn.apply(p, state, x, training=True, mask=mask)
+  else:
+    apply = functools.partial(autodiff_apply, options)
+  evaluate = lambda p, state, x: bn.apply(p, state, x, training=False)[0]
+  return _mode_fns(apply, evaluate), params, state
+
+
+def flax_fns(variant, x, fast_variance):
+  """Mode functions and (params, batch_stats) for flax.linen.BatchNorm."""
   layer = nn.BatchNorm(
-    use_running_average=False,
     momentum=0.99,
     epsilon=1e-5,
     use_fast_variance=fast_variance,
     axis_name=AXIS if variant == "sync" else None,
     dtype=x.dtype,
   )  # same output dtype as normjax (flax would promote bf16 to f32)
-  variables = layer.init(jax.random.key(0), x)  # init does not need the axis bound
+  variables = layer.init(jax.random.key(0), x, use_running_average=True)
   params, state = variables["params"], variables["batch_stats"]
 
-  def fwd(params, state, x, dy, mask):
-    del dy
+  def apply(p, state, x, mask):
     return layer.apply(
-      {"params": params, "batch_stats": state}, x, mask=mask, mutable=["batch_stats"]
+      {"params": p, "batch_stats": state},
+      x,
+      use_running_average=False,
+      mask=mask,
+      mutable=["batch_stats"],
     )
 
-  def fwd_bwd(params, state, x, dy, mask):
-    def f(p, x):
-      y, updates = layer.apply(
-        {"params": p, "batch_stats": state}, x, mask=mask, mutable=["batch_stats"]
-      )
-      return y, updates
+  def evaluate(p, state, x):
+    return layer.apply({"params": p, "batch_stats": state}, x, use_running_average=True)
 
-    y, vjp, new_state = jax.vjp(f, params, x, has_aux=True)
-    dparams, dx = vjp(dy)
-    return y, new_state, dx, dparams["scale"], dparams["bias"]
-
-  return fwd, fwd_bwd, params, state
+  return _mode_fns(apply, evaluate), params, state
 
 
-def _compile(fn, variant, masked, mode):
+def compile_mode(fn, variant, masked, mode):
   """jit, under a 1-device shard_map for `sync`; the mask argument is None unless masked."""
-  if variant == "sync":
+  if variant == "sync" and mode != "eval":
     mesh = jax.make_mesh(
       (1,), (AXIS,), devices=jax.devices()[:1], axis_types=(jax.sharding.AxisType.Auto,)
     )
@@ -145,122 +161,99 @@ def _compile(fn, variant, masked, mode):
   return jax.jit(fn)
 
 
-def run(shapes, batch, dtypes, variants, repeats, input_sets, impls):
+def _builders(variant, batch):
+  return {
+    "normjax": lambda x: normjax_fns(variant, batch, x),
+    "normjax_autodiff": lambda x: normjax_fns(variant, batch, x, closed_form=False),
+    "flax": lambda x: flax_fns(variant, x, True),
+    "flax_two_pass": lambda x: flax_fns(variant, x, False),
+  }
+
+
+def time_row(full, dtype, variant, mode, xs, dy, mask, impls, repeats):
+  """One row: every implementation of (shape, dtype, variant, mode), timed with `time_paired`."""
+  nbytes = int(np.prod(full)) * dtype.itemsize
+  m = mask if variant == "masked" else None
+  fns = {}
+  for impl in impls:
+    mode_fns, params, state = _builders(variant, full[0])[impl](xs[0])
+    compiled = compile_mode(mode_fns[mode], variant, m is not None, mode)
+    fns[impl] = functools.partial(compiled, params, state)
+  baseline_name = "flax" if "flax" in fns else impls[0]
+  timed = _common.time_paired(fns, [(x, dy, m) for x in xs], repeats, baseline=baseline_name)
+  row = {"shape": "x".join(map(str, full)), "batch": full[0], "dtype": dtype.name}
+  row.update({"variant": variant, "mode": mode, "MB": nbytes / 1e6})
+  baseline = timed["flax"] if "flax" in timed else None
+  for impl in impls:
+    t = timed[impl]
+    row[f"{impl}_ms"], row[f"{impl}_min_ms"] = t["median_s"] * 1e3, t["min_s"] * 1e3
+    row[f"{impl}_GBps"] = FLOOR[mode] * nbytes / t["median_s"] / 1e9
+    if baseline is not None:
+      row[f"{impl}_vs_flax"] = t["ratio"]
+  if baseline is not None and "normjax" in timed:
+    row["ratio"] = row["normjax_vs_flax"]
+    row["ratio_min"] = timed["normjax"]["min_s"] / baseline["min_s"]
+  return row
+
+
+def shapes_for(grid, batch):
+  """Full NHWC shapes of a grid."""
+  resnet = [(batch,) + s for s in RESNET50_SHAPES]
+  return {"resnet50": resnet, "sweep": list(SWEEP), "all": resnet + list(SWEEP)}[grid]
+
+
+def run(shapes, dtypes, variants, modes, repeats, input_sets, impls):
   rows = []
   key = jax.random.key(42)
   for dtype_name in dtypes:
     dtype = jnp.dtype(dtype_name)
-    for shape in shapes:
-      full = (batch,) + tuple(shape)
+    for full in shapes:
       key, kx, kd, km = jax.random.split(key, 4)
       xs = _common.random_inputs(kx, full, dtype, input_sets)
       xs = [x * 2.0 + 0.5 for x in xs]  # nonzero mean and unit-ish spread, as real activations
       dy = jax.random.normal(kd, full, jnp.float32).astype(dtype)
       mask = jax.random.bernoulli(km, 0.9, full[:-1] + (1,))
-      nbytes = int(np.prod(full)) * dtype.itemsize
       for variant in variants:
-        m = mask if variant == "masked" else None
-        builders = {
-          "normjax": lambda x: _normjax_fns(variant, batch, x),
-          "normjax_autodiff": lambda x: _normjax_fns(variant, batch, x, closed_form=False),
-          "flax": lambda x: _flax_fns(variant, x, True),
-          "flax_two_pass": lambda x: _flax_fns(variant, x, False),
-        }
-        for mode in ("fwd", "fwd+bwd"):
-          row = {
-            "shape": "x".join(map(str, full)),
-            "dtype": dtype_name,
-            "variant": variant,
-            "mode": mode,
-            "MB": nbytes / 1e6,
-          }
-          floor = (2 if mode == "fwd" else 5) * nbytes
-          fns = {}
-          for impl in impls:
-            fwd, fwd_bwd, params, state = builders[impl](xs[0])
-            compiled = _compile(fwd if mode == "fwd" else fwd_bwd, variant, m is not None, mode)
-            fns[impl] = functools.partial(compiled, params, state)
-          times = _common.time_interleaved(fns, [(x, dy, m) for x in xs], repeats)
-          for impl in impls:
-            median, fastest = times[impl]
-            row[f"{impl}_ms"] = median * 1e3
-            row[f"{impl}_min_ms"] = fastest * 1e3
-            row[f"{impl}_GBps"] = floor / median / 1e9
-          if "normjax" in impls and "flax" in impls:
-            row["ratio"] = row["normjax_ms"] / row["flax_ms"]
-            row["ratio_min"] = row["normjax_min_ms"] / row["flax_min_ms"]
-          if "normjax_autodiff" in impls and "flax" in impls:
-            row["ratio_autodiff"] = row["normjax_autodiff_ms"] / row["flax_ms"]
-          if "normjax" in impls and "flax_two_pass" in impls:
-            row["ratio_two_pass"] = row["normjax_ms"] / row["flax_two_pass_ms"]
+        for mode in modes:
+          if mode == "eval" and variant != "default":
+            continue
+          row = time_row(full, dtype, variant, mode, xs, dy, mask, impls, repeats)
           rows.append(row)
-          print(
-            " ".join(
-              f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-            ),
-            flush=True,
-          )
+          print(tables.row_line(row), flush=True)
   return rows
 
 
 def main():
   p = _common.parser("op_batch_norm", __doc__.splitlines()[0])
-  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--grid", default="all", choices=("resnet50", "sweep", "all"))
+  p.add_argument("--batch", type=int, default=8, help="batch size of the resnet50 grid")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--variants", default=",".join(VARIANTS))
-  p.add_argument(
-    "--shapes", default=None, help="e.g. 56x56x64,7x7x2048 (default: all ResNet-50 shapes)"
-  )
+  p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--shapes", default=None, help="e.g. 8x56x56x64,256x7x7x256 (overrides --grid)")
   p.add_argument(
     "--impls",
-    default="normjax,flax,flax_two_pass,normjax_autodiff",
+    default="normjax,flax_two_pass,flax",
     help="normjax_autodiff: normjax differentiated by plain autodiff through the statistics "
-    "(closed_form=False, the previous code path)",
+    "(closed_form=False, the previous code path); ratios are to flax",
   )
   args = p.parse_args()
   shapes = (
-    SHAPES
+    shapes_for(args.grid, args.batch)
     if args.shapes is None
     else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
   )
-  batch, repeats = args.batch, args.repeats or 20
+  repeats = args.repeats or 15
   dtypes, variants = args.dtypes.split(","), args.variants.split(",")
+  modes, impls = args.modes.split(","), args.impls.split(",")
   if args.quick:
-    shapes, batch, repeats, dtypes, variants = (
-      [(7, 7, 64)],
-      4,
-      args.repeats or 2,
-      ["float32"],
-      ["sync"],
-    )
-  rows = run(shapes, batch, dtypes, variants, repeats, args.input_sets, args.impls.split(","))
+    shapes, repeats, dtypes = [(4, 7, 7, 64)], args.repeats or 2, ["float32"]
+  rows = run(shapes, dtypes, variants, modes, repeats, args.input_sets, impls)
   print()
-  cols = [
-    ("shape", "shape", "{}"),
-    ("dtype", "dtype", "{}"),
-    ("variant", "variant", "{}"),
-    ("mode", "mode", "{}"),
-    ("normjax_ms", "normjax ms", "{:.3f}"),
-    ("flax_ms", "flax ms", "{:.3f}"),
-    ("flax_two_pass_ms", "flax 2-pass ms", "{:.3f}"),
-    ("normjax_GBps", "normjax GB/s", "{:.2f}"),
-    ("flax_GBps", "flax GB/s", "{:.2f}"),
-    ("ratio", "nj/flax", "{:.3f}"),
-    ("ratio_min", "nj/flax(min)", "{:.3f}"),
-    ("ratio_two_pass", "nj/flax2p", "{:.3f}"),
-    ("normjax_autodiff_ms", "nj autodiff ms", "{:.3f}"),
-    ("ratio_autodiff", "nj-autodiff/flax", "{:.3f}"),
-  ]
-  _common.print_table(rows, cols)
+  tables.print_op_table(rows)
   _common.write_json(
     args.out,
-    {
-      "benchmark": "op_batch_norm",
-      "batch": batch,
-      "repeats": repeats,
-      "input_sets": args.input_sets,
-      "rows": rows,
-    },
+    {"benchmark": "op_batch_norm", "repeats": repeats, "input_sets": args.input_sets, "rows": rows},
   )
 
 

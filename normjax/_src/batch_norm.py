@@ -38,6 +38,7 @@ class BatchNormState(NamedTuple):
 
 
 GHOST_GROUPINGS = ("consecutive", "strided")
+STATS_SHIFTS = ("running", "batch")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,7 @@ class BatchNormConfig:
   use_scale: bool = True
   use_bias: bool = True
   stats_method: str = "shifted"
+  stats_shift: str = "running"
   axis_name: Any = None
   axis_index_groups: Any = None
   ghost_batch_size: Optional[int] = None
@@ -73,6 +75,8 @@ class BatchNormConfig:
     object.__setattr__(self, "epsilon", float(self.epsilon))
     if self.stats_method not in stats.METHODS:
       raise ValueError(f"stats_method={self.stats_method!r} must be one of {stats.METHODS}")
+    if self.stats_shift not in STATS_SHIFTS:
+      raise ValueError(f"stats_shift={self.stats_shift!r} must be one of {STATS_SHIFTS}")
     if self.debias and self.momentum is None:
       raise ValueError("debias=True needs an EMA momentum; momentum=None is already unbiased")
     g = self.ghost_batch_size
@@ -158,7 +162,7 @@ def _grouped(config, x, mask):
   batches. The rank-matched `mask` is split alike (broadcast along axis 0 first)."""
   g = config.ghost_batch_size
   if g is None:
-    return x[None], None if mask is None else mask[None]
+    return x.reshape((1,) + x.shape), None if mask is None else mask.reshape((1,) + mask.shape)
   if x.shape[0] % g:
     raise ValueError(f"ghost_batch_size={g} must divide the batch size {x.shape[0]} along axis 0")
   if mask is not None:
@@ -189,6 +193,27 @@ def _check_group_count(config, xg, reduce_axes):
       "variance is undefined. Use a larger batch (or ghost_batch_size), an axis_name to pool "
       "devices, or training=False"
     )
+
+
+def stats_shift(config, state, x, shape):
+  """The shift of the one-pass statistics (keepdims `shape`), or None for the probe of this batch.
+
+  With `stats_shift="running"` it is the (debiased) running mean: it does not depend on this batch, so
+  the statistics are one pass that XLA may fuse into the op producing `x`, and synchronized statistics
+  take one round of `psum`. It is made common to the devices of `axis_name` (see
+  `collectives.common_value`). A fresh layer's running mean is 0, so on the first training step the
+  statistics have the precision of E[x²] − E[x]² there (the CPU lowering checks and repeats the pass
+  where that would lose precision; GPU and TPU do not).
+  """
+  if config.stats_method != "shifted" or config.stats_shift == "batch":
+    return None
+  shift = running.shift_estimate(
+    state.mean, state.count, momentum=config.momentum, debias=config.debias
+  )
+  shift = jax.lax.stop_gradient(shift.reshape(shape))
+  if config.axis_name is not None:
+    shift = collectives.common_value(shift, x, config.axis_name, config.axis_index_groups)
+  return shift
 
 
 def running_targets(config, mean, var, count):
@@ -275,6 +300,7 @@ def apply_with_batch_moments(
   xg, mask_g = _grouped(config, x, mask)
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   _check_group_count(config, xg, reduce_axes)
+  shift = stats_shift(config, state, x, (1,) + bshape)
   mean, var, count = stats.moments_and_count(
     xg,
     reduce_axes,
@@ -282,6 +308,7 @@ def apply_with_batch_moments(
     axis_name=config.axis_name,
     axis_index_groups=config.axis_index_groups,
     method=config.stats_method,
+    shift=shift,
   )
   r = d = None
   if config.renorm:
@@ -302,10 +329,10 @@ def apply_with_batch_moments(
     bias,
     r,
     d,
+    (mean, var, count),
     reduce_axes=reduce_axes,
     axis_name=config.axis_name,
     axis_index_groups=config.axis_index_groups,
-    method=config.stats_method,
     epsilon=config.epsilon,
     dtype=dtype,
     closed_form=closed_form,
@@ -331,6 +358,7 @@ def batch_norm(
   use_scale: bool = True,
   use_bias: bool = True,
   stats_method: str = "shifted",
+  stats_shift: str = "running",
   axis_name=None,
   axis_index_groups=None,
   ghost_batch_size: Optional[int] = None,
@@ -369,6 +397,13 @@ def batch_norm(
       variance, as PyTorch does. Training always normalizes with the biased batch variance.
     use_scale, use_bias: learn the per-feature `scale` (γ, init 1) and `bias` (β, init 0).
     stats_method: "shifted" (accurate one pass, default), "two_pass", or "fast" (flax's E[x²]−E[x]²).
+    stats_shift: the shift K of the "shifted" one pass, which must lie near the batch mean.
+      "running" (default): the running mean (debiased), a value that does not depend on this batch, so
+      the pass can fuse into the op that produces `x` and synchronized statistics need one all-reduce;
+      a fresh layer shifts by 0 on its first step, where GPU and TPU then have the precision of
+      E[x²] − E[x]² (the CPU lowering detects |mean| > 3 std and repeats the pass). "batch": a probe of
+      this batch (accurate from the first step everywhere; the pass waits for the probe, and
+      synchronized statistics take two rounds of psum).
     axis_name: mapped axis over which statistics are synchronized (global-batch BN under `shard_map`,
       `pmap` or `vmap`); counts are summed, so unequal numbers of valid examples per device are exact.
       Under plain `jit` with a batch sharded by `NamedSharding`, no axis name is needed: the arrays are

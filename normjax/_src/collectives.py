@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from normjax._src import compat
+
 AxisIndexGroups = Optional[Sequence[Sequence[int]]]
 
 
@@ -57,6 +59,22 @@ def cross_device_sum(tree, axis_name, axis_index_groups: AxisIndexGroups = None)
 
   summed = _psum_leaves(jax.tree_util.tree_map(scatter, tree), axis_name)
   return jax.tree_util.tree_map(lambda s: s[my_group], summed)
+
+
+def common_value(value, like, axis_name, axis_index_groups: AxisIndexGroups = None):
+  """`value` made the same on every device of each group of `axis_name`.
+
+  Returned unchanged where the types prove it already is: inside `shard_map` with varying-axis checks,
+  `like` (the data) varies over the axes and `value` does not. Elsewhere (`pmap`, `vmap`, shard_map
+  without checks) nothing proves it, and its mean over the devices is returned: one small collective
+  that does not depend on the data, so XLA can issue it before the data exists.
+  """
+  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  data_axes, value_axes = compat.vma(like), compat.vma(value)
+  if all(a in data_axes for a in names) and not any(a in value_axes for a in names):
+    return value
+  total, n = cross_device_sum((value, jnp.ones((), value.dtype)), axis_name, axis_index_groups)
+  return total / n
 
 
 def _psum_leaves(tree, axis_name):

@@ -37,6 +37,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from normjax._src import collectives
 from normjax._src import compat
+from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
 from normjax._src import stats
 
@@ -47,7 +48,6 @@ class _Config(NamedTuple):
   reduce_axes: Tuple[int, ...]
   axis_name: object
   groups: object
-  method: str
   epsilon: float
   dtype: object
 
@@ -59,11 +59,11 @@ def normalize_training(
   bias,
   r,
   d,
+  moments,
   *,
   reduce_axes: Tuple[int, ...],
   axis_name=None,
   axis_index_groups=None,
-  method: str = "shifted",
   epsilon: float,
   dtype=None,
   closed_form: bool = True,
@@ -75,8 +75,11 @@ def normalize_training(
     mask: None or the boolean validity mask broadcastable to `x`.
     scale, bias: None or per-feature arrays broadcastable to `x`.
     r, d: None, or Batch Renormalization's stop-gradient corrections (keepdims shape).
-    reduce_axes, axis_name, axis_index_groups, method: the statistics' reduction, as for
-      `stats.moments_and_count` (called here again: XLA merges it with the caller's identical call).
+    moments: `(mean, var, count)` of `x` from `stats.moments_and_count(x, reduce_axes, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups)` (any method). The closed form takes
+      them for those of `x`: the derivative accounts for their dependence on `x` itself, and the
+      tangents JAX computes for them are not used (reverse mode drops that work).
+    reduce_axes, axis_name, axis_index_groups: the statistics' reduction.
     epsilon: added to the variance.
     dtype: output dtype (default `x.dtype`).
     closed_form: True (default) differentiates with the closed-form rule; False with plain autodiff
@@ -87,9 +90,12 @@ def normalize_training(
 
   Example:
     >>> import jax, jax.numpy as jnp
+    >>> from normjax._src import stats
+    >>> def f(x):
+    ...   moments = stats.moments_and_count(x, (1,))
+    ...   return normalize_training(x, None, None, None, None, None, moments, reduce_axes=(1,),
+    ...                             epsilon=1e-5)
     >>> x = jnp.arange(8.0).reshape(1, 4, 2)
-    >>> f = lambda x: normalize_training(x, None, None, None, None, None, reduce_axes=(1,),
-    ...                                  epsilon=1e-5)
     >>> y, dy = jax.jvp(f, (x,), (jnp.ones_like(x),))  # a uniform shift: normalized away
     >>> bool(jnp.max(jnp.abs(dy)) < 1e-6)
     True
@@ -100,24 +106,14 @@ def normalize_training(
     if axis_index_groups is None
     else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
   )
-  config = _Config(tuple(reduce_axes), axis_name, groups, method, float(epsilon), dtype)
+  config = _Config(tuple(reduce_axes), axis_name, groups, float(epsilon), dtype)
+  mean, var, count = moments
   if not closed_form:
-    return _forward(config, x, mask, scale, bias, r, d)
-  return _closed_form(config, x, mask, scale, bias, r, d)
+    return _forward(config, x, mask, scale, bias, r, d, mean, var, count)
+  return _closed_form(config, x, mask, scale, bias, r, d, mean, var, count)
 
 
 _vary_like = compat.vary_like  # version-specific shard_map typing lives in compat.py
-
-
-def _moments(config, x, mask):
-  return stats.moments_and_count(
-    x,
-    config.reduce_axes,
-    mask=mask,
-    axis_name=config.axis_name,
-    axis_index_groups=config.groups,
-    method=config.method,
-  )
 
 
 def _effective_affine(scale, bias, r, d):
@@ -135,8 +131,8 @@ def _normalize(config, x, mean, var, scale, bias, r, d):
   )
 
 
-def _forward(config, x, mask, scale, bias, r, d):
-  mean, var, _ = _moments(config, x, mask)
+def _forward(config, x, mask, scale, bias, r, d, mean, var, count):
+  del mask, count
   return _normalize(config, x, mean, var, scale, bias, r, d)
 
 
@@ -144,12 +140,12 @@ _closed_form = jax.custom_jvp(_forward, nondiff_argnums=(0,))
 
 
 def _closed_form_jvp(config, primals, tangents):
-  x, mask, scale, bias, r, d = primals
-  dx, _, dscale, dbias, _, _ = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-  # The statistics are computed once here, from x, for the output and the tangent alike. They enter the
-  # checkpointed tangent as inputs: reverse mode keeps them (per-feature vectors) with x and recomputes
-  # x̂ from them, and higher-order derivatives see their dependence on x through this code.
-  mean, var, count = _moments(config, x, mask)
+  x, mask, scale, bias, r, d, mean, var, count = primals
+  dx, _, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents[:4])
+  # The statistics' own tangents (tangents[6:]) are not used: the closed form below accounts for their
+  # dependence on x. They enter the checkpointed tangent as inputs: reverse mode keeps them (per-feature
+  # vectors) with x and recomputes x̂ from them, and higher-order derivatives see, through the outer
+  # differentiation of `moments`, their dependence on x.
   y = _normalize(config, x, mean, var, scale, bias, r, d)
   if (
     dx is None and dscale is None and dbias is None
@@ -165,21 +161,72 @@ def _tangent(config, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias):
   Written so that its transpose (reverse mode) reduces only `g` and `g·x̂`: every per-feature
   coefficient multiplies a per-feature tangent *before* it is broadcast, and the terms are added (no
   negation of full-size values). XLA then computes `Σ g` and `Σ g·x̂` once for dx, dscale and dbias.
+  On a CPU, `x̂` enters in the form of `_CpuXhat` (see there).
   """
+  args = (x, mask, mean, var, count, scale, r, d, dx, dscale, dbias)
+  return lowering.cpu_or_portable(
+    *args,
+    cpu=functools.partial(_tangent_with, config, _cpu_xhat, _cpu_output),
+    portable=functools.partial(_tangent_with, config, _portable_xhat, _portable_output),
+  )
+
+
+def _portable_output(config, terms, shape, acc):
+  """`dy` in the output dtype from its full-size, x̂ and per-group terms."""
+  return jnp.broadcast_to(_sum(terms), shape).astype(config.dtype)
+
+
+def _cpu_output(config, terms, shape, acc):
+  """As `_portable_output`, with each term rounded to the output dtype and fenced before the sum when
+  that dtype is narrower than the arithmetic: in reverse mode each term then reads its own alias of
+  the (bfloat16) cotangent (`lowering.fence`), so XLA:CPU does not write a float32 copy of `g`. The
+  reverse pass is unchanged numerically; a forward-mode tangent is rounded per term."""
+  if jnp.dtype(config.dtype) == jnp.dtype(acc) or len(terms) == 1:
+    return _portable_output(config, terms, shape, acc)
+  rounded = lowering.fence(tuple(jnp.broadcast_to(t, shape).astype(config.dtype) for t in terms))
+  return _sum(t.astype(acc) for t in rounded).astype(config.dtype)
+
+
+class _Xhat(NamedTuple):
+  """How the tangent forms `coef·x̂` and `Σ u·x̂` (per-group `coef`, full-size `u`)."""
+
+  times: object  # coef -> coef · x̂ (full size)
+  sum_times: object  # u -> Σ u · x̂ over the reduced axes (keepdims)
+
+
+def _portable_xhat(config, x, mean, rstd, acc):
+  xhat = (x.astype(acc) - mean.astype(acc)) * rstd
+  return _Xhat(
+    lambda coef: coef * xhat, lambda u: jnp.sum(u * xhat, config.reduce_axes, keepdims=True)
+  )
+
+
+def _cpu_xhat(config, x, mean, rstd, acc):
+  """`x̂ = (x − μ)·rstd` for XLA:CPU: the same arithmetic, on private aliases of `x`, `μ` and `rstd`
+  (see `lowering.private_copies`). In reverse mode `coef·x̂` becomes the reduction `Σ g·x̂` and
+  `Σ u·x̂` the elementwise `dx`; with one shared `x̂` (or shared broadcasts of `μ` and `rstd`)
+  XLA:CPU writes full-size intermediates to memory, with an alias each both compute `x̂` in place."""
+  (xa, ma, ra), (xb, mb, rb) = lowering.private_copies((x, mean, rstd), 2)
+  return _portable_xhat(config, xa, ma, ra, acc)._replace(
+    sum_times=_portable_xhat(config, xb, mb, rb, acc).sum_times
+  )
+
+
+def _tangent_with(
+  config, make_xhat, make_output, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias
+):
   acc = stats.accumulation_dtype(x)
   keep = tuple(
     1 if a in config.reduce_axes else n for a, n in enumerate(x.shape)
   )  # per-group vectors
   per_group = functools.partial(_per_group, keep=keep, dtype=acc)
   rstd = jax.lax.rsqrt(var.astype(acc) + config.epsilon)
-  xhat = (x.astype(acc) - mean.astype(acc)) * rstd
+  xhat = make_xhat(config, x, mean, rstd, acc)
   terms = []  # (per-group coefficient of 1, per-group coefficient of x̂, full-size term)
   if dx is not None:
-    u = dx.astype(acc)
-    sums = (
-      _masked_sum(u, mask, config.reduce_axes),
-      _masked_sum(u * xhat, mask, config.reduce_axes),
-    )
+    u = dx.astype(acc)  # one conversion: its transpose rounds the cotangent of x to x's dtype once
+    valid_u = u if mask is None else jnp.where(mask, u, 0.0)
+    sums = (jnp.sum(valid_u, config.reduce_axes, keepdims=True), xhat.sum_times(valid_u))
     t1, t2 = collectives.cross_device_sum(sums, config.axis_name, config.groups)
     factor = rstd
     if scale is not None:
@@ -196,8 +243,10 @@ def _tangent(config, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias):
   constant = _sum(c for c, _, _ in terms)
   slope = _sum(s for _, s, _ in terms)
   full = _sum(f for _, _, f in terms)
-  dy = _sum(v for v in (full, None if slope is None else slope * xhat, constant))
-  dy = jnp.broadcast_to(dy, x.shape).astype(config.dtype)
+  parts = [
+    v for v in (full, None if slope is None else xhat.times(slope), constant) if v is not None
+  ]
+  dy = make_output(config, parts, x.shape, acc)
   return _vary_like(x, dy)  # a tangent from replicated parameters alone must still vary like y
 
 
@@ -215,12 +264,6 @@ def _per_group(value, *, keep, dtype):
 def _sum(values):
   values = [v for v in values if v is not None]
   return functools.reduce(jnp.add, values) if values else None
-
-
-def _masked_sum(values, mask, axes):
-  if mask is not None:
-    values = jnp.where(mask, values, 0.0)
-  return jnp.sum(values, axis=axes, keepdims=True)
 
 
 _closed_form.defjvp(_closed_form_jvp, symbolic_zeros=True)

@@ -47,6 +47,28 @@ def update(
   return ema(old, new, momentum)
 
 
+def shift_estimate(
+  mean: jax.Array, count: jax.Array, *, momentum: Optional[float], debias: bool
+) -> jax.Array:
+  """The running mean as an estimate of the next batch's mean: the shift of the one-pass statistics.
+
+  A plain EMA started at 0 leans towards 0 for its first ~1 / (1 − momentum) updates; dividing by
+  `1 − momentum**count` (Haiku's zero-debiasing) removes that lean, so after one update the estimate is
+  that batch's mean. Debiased and cumulative running means are stored unbiased already. With
+  `count == 0` (a fresh layer, or flax variables that carry no count) the stored mean is used as is.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import running
+    >>> float(running.shift_estimate(jnp.array(5.0), jnp.array(1), momentum=0.99, debias=False))
+    500.0...
+  """
+  if momentum is None or debias:
+    return mean
+  steps = count.astype(jnp.float32)
+  return jnp.where(count > 0, mean / (1.0 - momentum ** jnp.maximum(steps, 1.0)), mean)
+
+
 def select_finite(
   old: Tuple[jax.Array, ...], new: Tuple[jax.Array, ...], valid: jax.Array
 ) -> Tuple[Tuple[jax.Array, ...], jax.Array]:

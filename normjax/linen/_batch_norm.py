@@ -77,6 +77,7 @@ class BatchNorm(nn.Module):
   debias: bool = False
   unbiased_running_var: bool = False
   stats_method: str = "shifted"
+  stats_shift: str = "running"
   ghost_batch_size: Optional[int] = None
   ghost_grouping: str = "consecutive"
   renorm: bool = False

@@ -77,7 +77,7 @@ class BatchNorm(nnx.Module):
     num_features: size of the feature `axis` (a tuple of sizes when `axis` is a tuple).
     use_running_average: the mode when the call gives none (flax's attribute; default False).
     axis, momentum, epsilon, debias, unbiased_running_var, use_scale, use_bias, stats_method,
-      axis_name, axis_index_groups, ghost_batch_size, ghost_grouping, renorm, r_max, d_max, check_finite,
+      stats_shift, axis_name, axis_index_groups, ghost_batch_size, ghost_grouping, renorm, r_max, d_max, check_finite,
       dtype, param_dtype: the options of `normjax.batch_norm`, with its defaults (see its docstring).
     use_fast_variance: flax's flag; None (default) keeps `stats_method`, True is `stats_method="fast"`
       (flax's E[x²]−E[x]², flax's default), False `"two_pass"`.
@@ -129,6 +129,7 @@ class BatchNorm(nnx.Module):
     use_scale: bool = True,
     use_bias: bool = True,
     stats_method: str = "shifted",
+    stats_shift: str = "running",
     use_fast_variance: Optional[bool] = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
