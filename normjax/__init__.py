@@ -23,7 +23,7 @@ from normjax._src.transform import Transform
 from normjax._src.virtual_batch_norm import VirtualBatchNormState
 from normjax._src.virtual_batch_norm import virtual_batch_norm
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Issue 3: feature-axis norms, weight reparametrizations, constraints, BatchNorm tools.
 from normjax._src.constraints import Constraint

@@ -159,3 +159,40 @@ def test_check_axis_index_groups_accepts_partitions(groups, axis_size):
 def test_groups_that_do_not_cover_the_axis_raise_at_trace_time():
   with pytest.raises(ValueError, match="must cover each of the 8 device indices"):
     _shard_map([[0, 1, 2, 3]])({k: jnp.asarray(v) for k, v in _per_device().items()})
+
+
+def _psums(fn, *args):
+  """Number of psum equations in the jaxpr of `fn(*args)` (nested jaxprs included)."""
+  return str(jax.make_jaxpr(fn)(*args)).count("psum")
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_common_value_is_free_when_the_types_prove_it_and_a_mean_otherwise(check_vma):
+  mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
+  x = jnp.asarray(helpers.normal_data((N, 3)))
+  replicated = jnp.arange(3.0)
+
+  def local(x, value):
+    return collectives.common_value(value, x, "d")[None]
+
+  fn = jax.shard_map(
+    local, mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"), check_vma=check_vma
+  )
+  got = jax.jit(fn)(x, replicated)
+  np.testing.assert_allclose(got, np.broadcast_to(np.arange(3.0), (N, 3)), rtol=1e-6)
+  # with varying-axis types a replicated value is returned as is; without them it is averaged
+  assert (_psums(fn, x, replicated) == 0) == check_vma
+
+
+def test_common_value_averages_a_value_that_varies():
+  mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
+  per_device = jnp.arange(N * 2.0).reshape(N, 2)
+
+  def local(x):
+    return collectives.common_value(x[0], x, "d", [[0, 1, 2, 3], [4, 5, 6, 7]])[None]
+
+  got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("d"), out_specs=P("d")))(per_device)
+  want = np.concatenate(
+    [np.tile(np.asarray(per_device)[list(g)].mean(0), (4, 1)) for g in (range(4), range(4, 8))]
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-6)

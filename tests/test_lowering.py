@@ -6,6 +6,7 @@ structure is asserted on the optimized HLO (which full-size arrays each kernel r
 check of speed that needs no timing.
 """
 
+import math
 import re
 
 import jax
@@ -97,9 +98,14 @@ def test_explicit_shift_and_its_shape_check(use_portable, monkeypatch):
     normjax.moments(x, AXES, shift=jnp.zeros(3))
 
 
-def _full_size_kernels(hlo: str, shape):
-  """[(op, full-size operands read, full-size results written)] of the ENTRY computation's kernels."""
-  full = re.compile(r"(?:f32|bf16)\[(?:1,)?" + ",".join(map(str, shape)) + r"\]")
+def _full_size_kernels(hlo: str, size: int):
+  """[(op, full-size operands read, full-size results written)] of the ENTRY computation's kernels;
+  full-size: a float32 or bfloat16 array of `size` elements."""
+  array = re.compile(r"(?:f32|bf16)\[([\d,]*)\]")
+
+  def count(text):
+    return sum(math.prod(int(d) for d in m.split(",") if d) == size for m in array.findall(text))
+
   entry = hlo[hlo.index("\nENTRY") :]
   shapes, out = {}, []
   for line in entry.splitlines()[1:]:
@@ -110,33 +116,37 @@ def _full_size_kernels(hlo: str, shape):
     shapes[name] = result
     if op in ("parameter", "constant", "bitcast", "tuple", "get-tuple-element"):
       continue
-    reads = sum(
-      bool(full.search(shapes.get(o.strip().lstrip("%"), ""))) for o in operands.split(",")
-    )
-    writes = len(full.findall(result))
-    if reads or writes:
-      out.append((op, reads, writes))
+    reads = sum(count(shapes.get(o.strip().lstrip("%"), "")) for o in operands.split(","))
+    if reads or count(result):
+      out.append((op, reads, count(result)))
   return out
 
 
+@pytest.mark.parametrize(
+  "options, masked",
+  [({}, False), ({"ghost_batch_size": 4}, False), ({"renorm": True}, False), ({}, True)],
+  ids=["default", "ghost", "renorm", "masked"],
+)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cpu_training_step_reads_and_writes_the_minimum(dtype):
+def test_cpu_training_step_reads_and_writes_the_minimum(dtype, options, masked):
   """fwd+bwd on XLA:CPU: Σx, Σx², y, Σg, Σg·x̂, dx and nothing else touches a full-size array.
 
-  Reads: x, x, x (y), g, x and g (Σg·x̂), x and g (dx) = 8; writes: y, dx = 2. Before the CPU
-  lowering XLA wrote x − K (and for bfloat16 float32 copies) to memory and read them back.
+  Reads: x (Σx), x (Σx²), x (y), g (Σg), x and g (Σg·x̂), x and g (dx), and x for the second pass's
+  conditional (read only when taken) = 9; writes: y, dx = 2. Before the CPU lowering XLA wrote x − K
+  (and for bfloat16 float32 copies of x and g) to memory and read them back.
   """
   shape = (16, 8, 8, 32)
   x = jnp.ones(shape, dtype)
-  bn = normjax.batch_norm(momentum=0.9)
+  mask = jnp.asarray(np.random.default_rng(0).random(shape[:-1] + (1,)) < 0.8) if masked else None
+  bn = normjax.batch_norm(momentum=0.9, **options)
   params, state = bn.init(x)
 
   def step(params, x, dy):
-    y, pullback = jax.vjp(lambda p, x: bn.apply(p, state, x, training=True)[0], params, x)
+    apply = lambda p, x: bn.apply(p, state, x, training=True, mask=mask)[0]
+    y, pullback = jax.vjp(apply, params, x)
     return y, pullback(dy)
 
   hlo = jax.jit(step).lower(params, x, x).compile().as_text()
-  kernels = _full_size_kernels(hlo, shape)
+  kernels = _full_size_kernels(hlo, math.prod(shape))
   reads, writes = sum(k[1] for k in kernels), sum(k[2] for k in kernels)
-  assert writes == 2, kernels
-  assert reads <= 8 + 1, kernels  # + the second pass's conditional, which reads x only when taken
+  assert writes == 2 and reads <= 9, kernels

@@ -306,3 +306,32 @@ def test_a_lower_rank_mask_is_not_right_aligned():
   x = jnp.ones((4, 2, 3))
   with pytest.raises(ValueError, match=r"mask of shape \(2, 3\) .* needs x's rank 3"):
     normjax.moments(x, (0, 1), mask=jnp.ones((2, 3), bool))
+
+
+@pytest.mark.parametrize(
+  "momentum, debias, count, want",
+  [
+    (0.99, False, 0, 5.0),  # a fresh layer (or flax variables without a count): the stored value
+    (0.99, False, 1, 500.0),  # one update of an EMA started at 0: that batch's mean, 5 / (1 - 0.99)
+    (0.9, False, 3, 5.0 / (1 - 0.9**3)),
+    (0.0, False, 7, 5.0),
+    (0.99, True, 1, 5.0),  # stored debiased already
+    (None, False, 4, 5.0),  # cumulative average: unbiased
+  ],
+)
+def test_shift_estimate_debiases_the_plain_ema(momentum, debias, count, want):
+  got = running.shift_estimate(
+    jnp.asarray(5.0), jnp.asarray(count), momentum=momentum, debias=debias
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_the_running_shift_follows_the_data_from_the_second_step():
+  """After one update the shift is the first batch's mean, so a far-from-zero input is accurate."""
+  x = _data((64, 4), mean=1e4)
+  bn = normjax.batch_norm(momentum=0.99)
+  params, state = bn.init(x)
+  state = bn.apply(params, state, jnp.asarray(x), training=True)[1]
+  shift = running.shift_estimate(state.mean, state.count, momentum=0.99, debias=False)
+  # float32 rounding of the stored 0.01·mean, divided by 0.01; a shift only needs to be within a few std
+  np.testing.assert_allclose(shift, x.astype(np.float64).mean(0), rtol=1e-5)

@@ -309,6 +309,7 @@ def apply_with_batch_moments(
     axis_index_groups=config.axis_index_groups,
     method=config.stats_method,
     shift=shift,
+    grouped=True,
   )
   r = d = None
   if config.renorm:

@@ -183,7 +183,9 @@ def _cpu_output(config, terms, shape, acc):
   reverse pass is unchanged numerically; a forward-mode tangent is rounded per term."""
   if jnp.dtype(config.dtype) == jnp.dtype(acc) or len(terms) == 1:
     return _portable_output(config, terms, shape, acc)
-  rounded = lowering.fence(tuple(jnp.broadcast_to(t, shape).astype(config.dtype) for t in terms))
+  rounded = lowering.fence(
+    tuple(jnp.broadcast_to(t, shape).astype(config.dtype) for t in terms), grouped=True
+  )
   return _sum(t.astype(acc) for t in rounded).astype(config.dtype)
 
 
@@ -206,7 +208,7 @@ def _cpu_xhat(config, x, mean, rstd, acc):
   (see `lowering.private_copies`). In reverse mode `coef·x̂` becomes the reduction `Σ g·x̂` and
   `Σ u·x̂` the elementwise `dx`; with one shared `x̂` (or shared broadcasts of `μ` and `rstd`)
   XLA:CPU writes full-size intermediates to memory, with an alias each both compute `x̂` in place."""
-  (xa, ma, ra), (xb, mb, rb) = lowering.private_copies((x, mean, rstd), 2)
+  (xa, ma, ra), (xb, mb, rb) = lowering.private_copies((x, mean, rstd), 2, grouped=True)
   return _portable_xhat(config, xa, ma, ra, acc)._replace(
     sum_times=_portable_xhat(config, xb, mb, rb, acc).sum_times
   )

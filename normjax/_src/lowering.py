@@ -35,58 +35,51 @@ def cpu_or_portable(*args, cpu: Callable, portable: Callable):
   return jax.lax.platform_dependent(*args, cpu=cpu, default=portable)
 
 
-def private_copies(value, count: int) -> Tuple:
-  """`count` aliases of `value` that XLA may not merge (common-subexpression elimination).
+def private_copies(value, count: int, *, grouped: bool = False) -> Tuple:
+  """`count` aliases of `value` (an array or a tuple of arrays) that XLA may not merge.
 
   Each consumer of one alias then fuses its own `convert` or `x - shift` into itself instead of sharing
   a materialized float32 intermediate (see the module docstring). The barrier costs nothing at run time
   and is differentiable (its JVP and transpose are barriers too). Use it in CPU lowerings only: on a
-  TPU it would also stop a reduction from fusing into the op that produces `value`.
+  TPU it would also stop a reduction from fusing into the op that produces `value`. `grouped`: see
+  `as_operand`.
   """
-  return tuple(
-    _restore_unit_axes(v, value)
-    for v in jax.lax.optimization_barrier((_drop_unit_axes(value),) * count)
-  )
+  copies = jax.lax.optimization_barrier((as_operand(value, grouped),) * count)
+  return tuple(from_operand(c, value) for c in copies)
 
 
-def fence(values: Tuple):
-  """`values` through one optimization barrier (leading size-1 axes dropped around it).
+def fence(values: Tuple, *, grouped: bool = False) -> Tuple:
+  """`values` through one optimization barrier.
 
   In reverse mode the barrier's transpose is a barrier on the cotangents: terms `a`, `b`, `c` that are
   fenced and then added each receive their own alias of the incoming cotangent, so XLA:CPU converts a
   bfloat16 cotangent inside each consumer instead of writing one float32 copy for all of them.
   """
-  return _restore_unit_axes(jax.lax.optimization_barrier(_drop_unit_axes(tuple(values))), values)
+  values = tuple(values)
+  return from_operand(jax.lax.optimization_barrier(as_operand(values, grouped)), values)
 
 
-def drop_unit_axes(tree):
-  """Every array of `tree` without its leading size-1 axes (`restore_unit_axes` puts them back).
+def as_operand(tree, grouped: bool = False):
+  """Arrays reshaped to the shape they were viewed from, for a barrier or a `cond` operand.
 
-  Pass arrays to a CPU `cond` this way: XLA materializes a conditional's operands, and a bfloat16
-  reshape materialized on XLA:CPU is a convert-bitcast-convert pass over the data; the reshape of a
-  reshape folds away.
+  XLA materializes what it hands to a barrier or a conditional, and XLA:CPU lowers a bfloat16 reshape
+  as convert-bitcast-convert, so a reshaped bfloat16 input would be copied; the reshape of a reshape
+  back to the original shape folds away. `grouped=True`: the arrays are BatchNorm's ghost-group views
+  `(G, g, ...)` of `(G·g, ...)`, whose first two axes are merged; otherwise leading size-1 axes are
+  dropped. `from_operand` reshapes back.
   """
-  return _drop_unit_axes(tree)
+  return jax.tree_util.tree_map(lambda v: v.reshape(_source_shape(v.shape, grouped)), tree)
 
 
-def restore_unit_axes(tree, like):
-  """`tree` reshaped to the shapes of `like` (the inverse of `drop_unit_axes`)."""
-  return _restore_unit_axes(tree, like)
-
-
-def _drop_unit_axes(tree):
-  """Leading size-1 axes removed: a barrier on a reshaped bfloat16 array makes XLA:CPU write the
-  reshape to memory (it lowers bfloat16 reshapes as convert-bitcast-convert), one on the array the
-  reshape came from does not."""
-  return jax.tree_util.tree_map(lambda v: v.reshape(_core_shape(v.shape)), tree)
-
-
-def _restore_unit_axes(tree, like):
+def from_operand(tree, like):
+  """`tree` reshaped to the shapes of `like` (the inverse of `as_operand`)."""
   return jax.tree_util.tree_map(lambda v, w: v.reshape(w.shape), tree, like)
 
 
-def _core_shape(shape):
+def _source_shape(shape, grouped):
   shape = tuple(shape)
+  if grouped and len(shape) >= 2:
+    return (shape[0] * shape[1],) + shape[2:]
   while shape and shape[0] == 1:
     shape = shape[1:]
   return shape

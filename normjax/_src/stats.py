@@ -137,11 +137,21 @@ def _prepare_shift(shift, shape, axes):
 
 
 def moments_and_count(
-  x, axes, *, mask=None, axis_name=None, axis_index_groups=None, method="shifted", shift=None
+  x,
+  axes,
+  *,
+  mask=None,
+  axis_name=None,
+  axis_index_groups=None,
+  method="shifted",
+  shift=None,
+  grouped=False,
 ):
   """Like `moments` with keepdims=True and checked arguments, also returning the float32 valid count.
 
   `shift` (keepdims shape) must be common to the devices of `axis_name`; `None` uses the probe.
+  `grouped`: `x` is BatchNorm's `(groups, ghost_batch_size, ...)` view (helps the CPU lowering, see
+  `lowering.as_operand`).
   """
   mask = validation.prepare_mask(mask, x.shape)
   count = _count(x.shape, axes, mask)
@@ -158,7 +168,7 @@ def moments_and_count(
     _shifted_portable, axes=axes, axis_name=axis_name, groups=axis_index_groups
   )
   if axis_index_groups is None:
-    cpu = functools.partial(_shifted_cpu, axes=axes, axis_name=axis_name)
+    cpu = functools.partial(_shifted_cpu, axes=axes, axis_name=axis_name, grouped=grouped)
   else:  # groups could take different branches of the CPU test: the probe of this batch instead
     cpu = lambda x, mask, count, shift: portable(x, mask, count, None)
   return lowering.cpu_or_portable(x, mask, count, shift, cpu=cpu, portable=portable)
@@ -231,7 +241,7 @@ def _from_shifted_sums(count, s1, s2, shift):
   return mean, jnp.maximum(_safe_divide(s2, count) - offset * offset, 0.0), count
 
 
-def _shifted_cpu(x, mask, count, shift, *, axes, axis_name):
+def _shifted_cpu(x, mask, count, shift, *, axes, axis_name, grouped):
   """The CPU lowering of "shifted": plain sums, and a shifted second pass only where precision needs it.
 
   The second pass is the portable one with the probe shift (a first-pass mean may be NaN when a masked
@@ -240,12 +250,12 @@ def _shifted_cpu(x, mask, count, shift, *, axes, axis_name):
   """
   del shift
   acc = accumulation_dtype(x)
-  xs = lowering.private_copies(x, 2) if x.dtype != acc else (x, x)
+  xs = lowering.private_copies(x, 2, grouped=grouped) if x.dtype != acc else (x, x)
   if mask is None:
     s1 = jnp.sum(_acc(xs[0]), axes, keepdims=True)
     s2 = jnp.sum(jnp.square(_acc(xs[1])), axes, keepdims=True)
   else:  # a product with the 0/1 mask fuses where `where` does not; non-finite sums take pass two
-    weights = lowering.private_copies(mask.astype(acc), 2)
+    weights = lowering.private_copies(mask.astype(acc), 2, grouped=grouped)
     s1 = jnp.sum(_acc(xs[0]) * weights[0], axes, keepdims=True)
     s2 = jnp.sum(jnp.square(_acc(xs[1])) * weights[1], axes, keepdims=True)
   total, s1, s2 = collectives.cross_device_sum((count, s1, s2), axis_name)
@@ -253,13 +263,13 @@ def _shifted_cpu(x, mask, count, shift, *, axes, axis_name):
   plain_ok = jnp.all((mean * mean <= CPU_PLAIN_SUMS_LIMIT * var) | (total == 0))
 
   def second_pass(core, mask, count):
-    data = lowering.restore_unit_axes(core, x)
+    data = lowering.from_operand(core, x)
     return _shifted_portable(data, mask, count, None, axes=axes, axis_name=axis_name, groups=None)
 
   def keep(core, mask, count):
     return mean, var, total
 
-  return jax.lax.cond(plain_ok, keep, second_pass, lowering.drop_unit_axes(x), mask, count)
+  return jax.lax.cond(plain_ok, keep, second_pass, lowering.as_operand(x, grouped), mask, count)
 
 
 def _two_pass(x, axes, mask, count):
