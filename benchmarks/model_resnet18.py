@@ -15,8 +15,7 @@ Usage:
 import functools
 import statistics
 import time
-from typing import Any, Callable
-
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,17 +46,24 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-  """ResNet-18 for 32x32 inputs: 3x3 stem, no max-pool, stages of 64/128/256/512 filters."""
+  """ResNet-18 for 32x32 inputs: 3x3 stem, no max-pool, stages of 64/128/256/512 filters.
+
+  `stages` (filters per stage of two blocks) is there for smoke tests only: e.g. `(16,)` is a tiny
+  network that compiles in seconds on a CPU.
+  """
 
   norm: Callable[..., Any]
   num_classes: int = 10
   dtype: Any = jnp.float32
+  stages: Sequence[int] = (64, 128, 256, 512)
 
   @nn.compact
   def __call__(self, x, training: bool):
-    x = nn.Conv(64, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x.astype(self.dtype))
+    x = nn.Conv(self.stages[0], (3, 3), padding=1, use_bias=False, dtype=self.dtype)(
+      x.astype(self.dtype)
+    )
     x = nn.relu(self.norm()(x, training))
-    for i, filters in enumerate((64, 128, 256, 512)):
+    for i, filters in enumerate(self.stages):
       for j in range(2):
         x = BasicBlock(filters, 2 if (i > 0 and j == 0) else 1, self.norm, self.dtype)(x, training)
     x = jnp.mean(x, axis=(1, 2))
@@ -93,6 +99,89 @@ def make_step(model, tx):
   return jax.jit(step, donate_argnums=0)
 
 
+def synthetic_batches(batch, count, key=0):
+  """`count` random (images, labels) pairs: CIFAR-shaped (batch, 32, 32, 3) float32 and int labels."""
+  keys = jax.random.split(jax.random.key(key), count)
+  images = [jax.random.normal(k, (batch, 32, 32, 3)) for k in keys]
+  labels = [jax.random.randint(k, (batch,), 0, 10) for k in keys]
+  return images, labels
+
+
+def optimizer():
+  """SGD with momentum 0.9 and weight decay 5e-4 (the step every row times)."""
+  return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+
+
+def build(dtype, stages=(64, 128, 256, 512)):
+  """{"normjax": model, "flax": model}: the same ResNet-18 with either BatchNorm, `dtype` compute."""
+  return {
+    "normjax": ResNet18(functools.partial(normjax_norm, dtype=dtype), dtype=dtype, stages=stages),
+    "flax": ResNet18(functools.partial(flax_norm, dtype=dtype), dtype=dtype, stages=stages),
+  }
+
+
+def init_state(model, tx, images):
+  """(params, batch_stats, opt_state) of `model`, initialized by one jitted call.
+
+  On a CPU the initializer is compiled with XLA's backend optimizations off: it runs once, and
+  XLA:CPU takes ~8× longer to optimize the random initializers than to run them unoptimized.
+  """
+  init = jax.jit(functools.partial(model.init, training=False))
+  key = jax.random.key(1)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  variables = init.lower(key, images).compile(compiler_options=options)(key, images)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  return params, batch_stats, tx.init(params)
+
+
+def time_train_steps(batch, steps, dtype_name, input_sets=3, stages=(64, 128, 256, 512)):
+  """One row: normjax and flax train steps timed round-robin on the same synthetic batches.
+
+  Compilation and one warm-up step per input set are excluded; the row holds the median and minimum
+  ms per step, images/s and the last loss of each model, and normjax/flax ratios.
+  """
+  images, labels = synthetic_batches(batch, input_sets)
+  tx = optimizer()
+  models = build(jnp.dtype(dtype_name), stages)
+  states = {name: init_state(model, tx, images[0]) for name, model in models.items()}
+  steps_fn = {name: make_step(model, tx) for name, model in models.items()}
+  losses = {}
+  # Warm-up/compile: one step per input set (the state is donated, so it threads through).
+  for name in models:
+    for imgs, labs in zip(images, labels):
+      states[name], losses[name] = steps_fn[name](states[name], imgs, labs)
+    jax.block_until_ready(states[name])
+  times = {name: [] for name in models}
+  for i in range(steps):
+    imgs, labs = images[i % len(images)], labels[i % len(labels)]
+    for name in models:
+      start = time.perf_counter()
+      states[name], losses[name] = steps_fn[name](states[name], imgs, labs)
+      jax.block_until_ready(states[name])
+      times[name].append(time.perf_counter() - start)
+  row = {"dtype": dtype_name, "batch": batch, "steps": steps}
+  for name in models:
+    row[f"{name}_ms"] = statistics.median(times[name]) * 1e3
+    row[f"{name}_min_ms"] = min(times[name]) * 1e3
+    row[f"{name}_img_s"] = batch / statistics.median(times[name])
+    row[f"{name}_loss"] = float(losses[name])
+  row["ratio"] = row["normjax_ms"] / row["flax_ms"]
+  row["ratio_min"] = row["normjax_min_ms"] / row["flax_min_ms"]
+  return row
+
+
+COLUMNS = [
+  ("dtype", "dtype", "{}"),
+  ("batch", "batch", "{}"),
+  ("normjax_ms", "normjax ms/step", "{:.1f}"),
+  ("flax_ms", "flax ms/step", "{:.1f}"),
+  ("normjax_img_s", "normjax img/s", "{:.1f}"),
+  ("flax_img_s", "flax img/s", "{:.1f}"),
+  ("ratio", "nj/flax", "{:.3f}"),
+  ("ratio_min", "nj/flax(min)", "{:.3f}"),
+]
+
+
 def main():
   p = _common.parser("model_resnet18", __doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=32)
@@ -102,62 +191,12 @@ def main():
   batch, steps, dtypes = args.batch, args.repeats or args.steps, args.dtype.split(",")
   if args.quick:
     batch, steps, dtypes = 4, 2, ["float32"]
-  key = jax.random.key(0)
-  images = [
-    jax.random.normal(k, (batch, 32, 32, 3)) for k in jax.random.split(key, args.input_sets)
-  ]
-  labels = [jax.random.randint(k, (batch,), 0, 10) for k in jax.random.split(key, args.input_sets)]
-  tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
   rows = []
   for dtype_name in dtypes:
-    dtype = jnp.dtype(dtype_name)
-    models = {
-      "normjax": ResNet18(functools.partial(normjax_norm, dtype=dtype), dtype=dtype),
-      "flax": ResNet18(functools.partial(flax_norm, dtype=dtype), dtype=dtype),
-    }
-    states, steps_fn, losses = {}, {}, {}
-    for name, model in models.items():
-      variables = model.init(jax.random.key(1), images[0], training=False)
-      params, batch_stats = variables["params"], variables["batch_stats"]
-      states[name] = (params, batch_stats, tx.init(params))
-      steps_fn[name] = make_step(model, tx)
-    # Warm-up/compile: one step per input set (the state is donated, so it threads through).
-    for name in models:
-      for imgs, labs in zip(images, labels):
-        states[name], losses[name] = steps_fn[name](states[name], imgs, labs)
-      jax.block_until_ready(states[name])
-    times = {name: [] for name in models}
-    for i in range(steps):
-      imgs, labs = images[i % len(images)], labels[i % len(labels)]
-      for name in models:
-        start = time.perf_counter()
-        states[name], losses[name] = steps_fn[name](states[name], imgs, labs)
-        jax.block_until_ready(states[name])
-        times[name].append(time.perf_counter() - start)
-    row = {"dtype": dtype_name, "batch": batch, "steps": steps}
-    for name in models:
-      row[f"{name}_ms"] = statistics.median(times[name]) * 1e3
-      row[f"{name}_min_ms"] = min(times[name]) * 1e3
-      row[f"{name}_img_s"] = batch / statistics.median(times[name])
-      row[f"{name}_loss"] = float(losses[name])
-    row["ratio"] = row["normjax_ms"] / row["flax_ms"]
-    row["ratio_min"] = row["normjax_min_ms"] / row["flax_min_ms"]
-    rows.append(row)
-    print(row, flush=True)
+    rows.append(time_train_steps(batch, steps, dtype_name, args.input_sets))
+    print(rows[-1], flush=True)
   print()
-  _common.print_table(
-    rows,
-    [
-      ("dtype", "dtype", "{}"),
-      ("batch", "batch", "{}"),
-      ("normjax_ms", "normjax ms/step", "{:.1f}"),
-      ("flax_ms", "flax ms/step", "{:.1f}"),
-      ("normjax_img_s", "normjax img/s", "{:.1f}"),
-      ("flax_img_s", "flax img/s", "{:.1f}"),
-      ("ratio", "nj/flax", "{:.3f}"),
-      ("ratio_min", "nj/flax(min)", "{:.3f}"),
-    ],
-  )
+  _common.print_table(rows, COLUMNS)
   _common.write_json(args.out, {"benchmark": "model_resnet18", "rows": rows})
 
 

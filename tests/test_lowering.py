@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 
 import normjax
+from normjax._src import compat
 from normjax._src import lowering
 from normjax._src import stats
 from tests import helpers
 
 AXES = (0, 1, 2)
+# Plain float32 sums on XLA:CPU: measured 1.5e-6 at mean 2 std with jaxlib 0.10.2 and 1.06e-5 with 0.8.1,
+# whose CPU reductions round more (compat.OLD_CPU_REDUCTIONS).
+PLAIN_SUMS_TOL = 3e-5 if compat.OLD_CPU_REDUCTIONS else 3e-6
 
 
 @pytest.fixture
@@ -46,8 +50,9 @@ def _two_steps(x):
 def test_cpu_statistics_are_accurate_from_the_first_step(mean):
   x = jnp.asarray(helpers.normal_data((64, 8, 8, 16), mean=mean))
   first, second = _two_steps(x)
-  assert _var_err(first, x) <= 3e-6  # plain sums while |mean| <= 3 std, a second pass beyond
-  assert _var_err(second, x) <= 3e-6
+  # plain sums while |mean| <= 3 std, a second pass beyond
+  assert _var_err(first, x) <= PLAIN_SUMS_TOL
+  assert _var_err(second, x) <= PLAIN_SUMS_TOL
 
 
 def test_portable_running_shift_first_step_has_fast_precision_then_is_accurate(portable):
@@ -72,7 +77,7 @@ def test_the_cpu_second_pass_runs_exactly_beyond_three_std(offset):
   x[..., 0] += offset  # one feature far from zero is enough to take the second pass for all
   x = jnp.asarray(x)
   _, var = stats.moments(x, AXES)
-  assert _var_err(var, x) <= 3e-6
+  assert _var_err(var, x) <= PLAIN_SUMS_TOL
   mean, plain_var = stats.moments(x, AXES, method="fast")
   plain = bool(np.all(np.square(mean) <= stats.CPU_PLAIN_SUMS_LIMIT * plain_var))
   assert plain == (offset < 3.0)

@@ -1,0 +1,171 @@
+"""TPU facts from ahead-of-time compilation on a CPU host (`benchmarks.tpu_compile`); needs libtpu.
+
+libtpu compiles for TPU topologies without a TPU (`benchmarks._tpu`). These tests compile a small set
+for one v5e chip, a v5e 2x2 slice (4 chips) and a v5e 4x4 slice (16 chips) and assert what the
+optimized HLO and the compiler's analyses say:
+
+  * a synchronized BatchNorm layer under `shard_map` costs one all-reduce round in the forward (two
+    with `stats_shift="batch"`, or under `check_vma=False` where the running-mean shift is averaged
+    first) and one in the backward for the two sums; every payload is a few float32 vectors of the C
+    features, never an activation; on one chip there is no collective at all;
+  * `axis_index_groups` is one all-reduce over the whole slice of a groups × C tensor (normjax's
+    portable groups), while an inner axis of a 2-D mesh gives replica groups of the group size;
+  * normjax's BatchNorm fwd+bwd moves no more bytes (the compiler's cost model) than flax's;
+  * registry layers and the MNIST CNN train step compile; per-device memory of the step is flat from
+    4 to 16 chips at a fixed batch per device.
+
+Run: `TPU_SKIP_MDS_QUERY=1 python -m pytest -q tests/test_tpu_compile.py` in an environment with
+`pip install -e '.[tpu-aot]'`. Without libtpu the module is skipped.
+"""
+
+import functools
+import importlib.util
+
+import pytest
+
+if importlib.util.find_spec("libtpu") is None:
+  pytest.skip(
+    "libtpu is not installed: the TPU compile tests need it (pip install -e '.[tpu-aot]')",
+    allow_module_level=True,
+  )
+
+from benchmarks import _tpu  # noqa: E402  (first: libtpu's environment, before jax)
+from benchmarks import tpu_compile as tc  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+C = tc.COLLECTIVE_SHAPE[-1]
+C_VECTOR = 4 * C  # bytes of one float32 vector over the C features
+SLICE = "v5e:2x2"
+
+
+@functools.lru_cache(maxsize=None)
+def _layer(name):
+  return {layer.name: layer for layer in tc.sync_layers()}[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _sync_row(name, slice_name=SLICE):
+  return tc.compile_sync_layer(_layer(name), slice_name)
+
+
+def _facts_hold(name, row):
+  failures = tc.Failures()
+  tc.check_sync_layer(_layer(name), row, failures)
+  assert failures.items == [], failures.items
+
+
+def test_synchronized_layer_forward_one_round_backward_one_round():
+  row = _sync_row("normjax")
+  assert row["status"] == "ok", row
+  assert (row["fwd_all_reduce"], row["bwd_all_reduce"]) == (1, 1), row
+  assert row["fwd_bytes"] == [2 * C_VECTOR], "forward: the two shifted sums (the count is static)"
+  assert all(b <= 4 * C_VECTOR for b in row["fwd_bwd_bytes"]), row["fwd_bwd_bytes"]
+  assert row["fwd_group_sizes"] == [4], "one replica group: the whole slice"
+  _facts_hold("normjax", row)
+
+
+@pytest.mark.parametrize(
+  "name, rounds",
+  [
+    ("normjax.linen", (1, 1)),
+    ("flax.linen", (1, 1)),
+    ('normjax stats_shift="batch"', (2, 1)),
+    ("normjax, check_vma=False (experiments.train)", (2, 1)),
+  ],
+)
+def test_rounds_of_each_synchronized_variant(name, rounds):
+  row = _sync_row(name)
+  assert row["status"] == "ok", row
+  assert (row["fwd_all_reduce"], row["bwd_all_reduce"]) == rounds, row
+  assert max(row["fwd_bytes"] + row["fwd_bwd_bytes"]) <= 3 * C_VECTOR, row
+  _facts_hold(name, row)
+
+
+def test_one_chip_has_no_collective():
+  row = _sync_row("normjax", "v5e:1")
+  assert row["status"] == "ok" and row["fwd_bwd_all_reduce"] == 0, row
+
+
+def test_device_groups_are_one_psum_of_groups_times_c_over_the_slice():
+  name = f"normjax axis_index_groups (groups of {tc.GROUP_SIZE})"
+  row = _sync_row(name)
+  groups = row["devices"] // tc.GROUP_SIZE
+  assert row["fwd_all_reduce"] == 1 and row["fwd_group_sizes"] == [row["devices"]], row
+  assert row["fwd_bytes"] == [3 * groups * C_VECTOR], "count, Σ(x−K), Σ(x−K)² for every group"
+  _facts_hold(name, row)
+
+
+def test_inner_mesh_axis_keeps_the_statistics_inside_the_groups():
+  name = f"normjax, inner axis of a 2-D mesh ({tc.GROUP_SIZE} devices)"
+  row = _sync_row(name)
+  assert row["fwd_all_reduce"] == 1 and row["fwd_group_sizes"] == [tc.GROUP_SIZE], row
+  assert row["fwd_groups"] == [row["devices"] // tc.GROUP_SIZE], row
+  assert row["fwd_bytes"] == [2 * C_VECTOR], row
+  _facts_hold(name, row)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_normjax_moves_no_more_bytes_than_flax(dtype):
+  failures = tc.Failures()
+  impls = ["normjax", "normjax sync", "flax", "flax two-pass"]
+  mesh_ = _tpu.mesh("v5e:1", tc.BATCH)
+  row = tc.op_bytes_row((256, 28, 28, 128), jnp.dtype(dtype), mesh_, impls, failures)
+  assert failures.items == [], failures.items
+  tc.check_op_bytes([row], failures)
+  assert failures.items == [], failures.items
+  assert row["normjax"] <= row["flax"] + tc.OP_BYTES_SLACK, row
+  assert row["normjax sync"] <= row["flax"] + tc.OP_BYTES_SLACK, row
+  assert row["normjax"] < row["flax two-pass"], row
+
+
+@pytest.mark.parametrize("slice_name", ["v5e:1", SLICE])
+@pytest.mark.parametrize("entry", ["batch_norm", "linen.BatchNorm", "nnx.BatchNorm"])
+def test_registry_layers_compile(entry, slice_name):
+  from tests import registry  # pylint: disable=g-import-not-at-top
+
+  mesh_ = _tpu.mesh(slice_name, tc.DATA)
+  row = tc.compile_registry_entry(registry.by_name(entry), jnp.bfloat16, slice_name, mesh_)
+  assert row["status"] == "ok", row
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist(norm, slice_name):
+  return tc.compile_model("mnist_cnn", norm, slice_name, per_device_batch=32)
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "sync_batch_norm"])
+def test_mnist_cnn_train_step_compiles(norm):
+  row = _mnist(norm, SLICE)
+  assert row["status"] == "ok", row
+  assert row["all_gather"] == row["reduce_scatter"] == row["all_to_all"] == 0, row
+  if norm == "batch_norm":  # per-device statistics: only the step's own (combined) all-reduces
+    assert row["norm_all_reduces"] == 0, row
+  else:  # per layer: the forward sums and the backward sums; the layers' shifts share one round
+    assert row["norm_bwd_all_reduces"] == row["norm_layers"], row
+    assert row["norm_layers"] <= row["norm_fwd_all_reduces"] <= row["norm_layers"] + 1, row
+    assert row["norm_all_reduce_bytes"] < row["norm_input_bytes"] / 100, row
+
+
+def test_per_device_memory_is_flat_from_4_to_16_chips():
+  rows = [_mnist("sync_batch_norm", SLICE), _mnist("sync_batch_norm", "v5e:4x4")]
+  assert [r["chips"] for r in rows] == [4, 16]
+  memory = [r["memory_bytes"] for r in rows]
+  assert max(memory) / min(memory) - 1 <= tc.MEMORY_TOLERANCE, memory
+
+
+def test_hlo_parser_reads_collectives_and_iota_replica_groups():
+  hlo = "\n".join(
+    [
+      "ENTRY %main (p: f32[4]) -> f32[4] {",
+      "  %p = f32[4]{0} parameter(0)",
+      "  %all-reduce = (f32[1,128]{1,0}, f32[128]{0}) all-reduce(%a, %b), channel_id=1, "
+      "replica_groups={{0,1},{2,3}}, to_apply=%add",
+      "  %ag = (f32[2]{0}, f32[4]{0}) all-gather-start(%p), replica_groups=[2,2]<=[2,2]T(1,0)",
+      "  ROOT %ag-done = f32[4]{0} all-gather-done(%ag)",
+      "}",
+    ]
+  )
+  found = _tpu.collectives(hlo)
+  assert [c["kind"] for c in found] == ["all-reduce", "all-gather"]
+  assert found[0]["bytes"] == 2 * 128 * 4 and found[0]["replica_groups"] == [[0, 1], [2, 3]]
+  assert found[1]["bytes"] == 16 and found[1]["replica_groups"] == [[0, 2], [1, 3]]
