@@ -10,8 +10,8 @@
   one `pmean` of gradients, loss and accuracy, the running statistics averaged over devices for the
   per-device norms, an optax update, a fused finiteness flag), written out here because importing
   `experiments.train` needs the experiments' data stack (tensorflow-datasets, grain, matplotlib),
-  which a compile-only environment does not have. `tests/test_tpu_compile_step.py` checks on CPU that
-  both steps give the same state and metrics.
+  which a compile-only environment does not have. `tests/test_experiments_tpu_suite_step.py` checks
+  on CPU that both steps give the same state and metrics.
 * `make_train_step`: `experiments.train.make_steps`' train half, `jax.jit` of `jax.shard_map` over a
   1-D mesh named "batch", parameters replicated, the batch split along axis 0, the state donated.
 """
