@@ -494,25 +494,6 @@ def _op_note(section) -> str:
 # -- BENCHMARKS.md tables (`python -m benchmarks.tables`) ---------------------------------------------
 
 
-def register(name):
-  """`tables.register`, also into `__main__` when that is `python -m benchmarks.tables`.
-
-  Run as a script, benchmarks/tables.py is the module `__main__`, a second copy beside the
-  `benchmarks.tables` this module imports, and its `rewrite` looks only at its own `TABLES`.
-  """
-
-  def wrap(fn):
-    tables.register(name)(fn)
-    main_module = sys.modules.get("__main__")
-    main_file = getattr(main_module, "__file__", None)
-    if main_module is not tables and main_file and os.path.exists(main_file):
-      if os.path.samefile(main_file, tables.__file__):
-        main_module.register(name)(fn)
-    return fn
-
-  return wrap
-
-
 class MissingResults(FileNotFoundError):
   """No results for a table: `tables.rewrite` then leaves that table as it is."""
 
@@ -527,40 +508,40 @@ def _section(name, json_name="gpu_suite"):
   return payload, section
 
 
-@register("gpu_op_summary")
+@tables.register("gpu_op_summary")
 def _gpu_op_summary_table():
   payload, section = _section("op")
   body = tables.markdown(op_summary(section["rows"]), OP_SUMMARY_COLUMNS)
   return host_line(payload) + "\n\n" + _op_note(section) + "\n\n" + body
 
 
-@register("gpu_op")
+@tables.register("gpu_op")
 def _gpu_op_table():
   _, section = _section("op")
   rows = [r for r in section["rows"] if r["variant"] == "default"]
   return tables.markdown(rows, used_columns(rows, OP_COLUMNS))
 
 
-@register("gpu_resnet18")
+@tables.register("gpu_resnet18")
 def _gpu_resnet18_table():
   payload, section = _section("resnet")
   return host_line(payload) + "\n\n" + tables.markdown(section["rows"], RESNET_COLUMNS)
 
 
-@register("gpu_numerics")
+@tables.register("gpu_numerics")
 def _gpu_numerics_table():
   payload, section = _section("numerics")
   return host_line(payload) + "\n\n" + numerics_markdown(section["rows"])
 
 
-@register("gpu_compile")
+@tables.register("gpu_compile")
 def _gpu_compile_table():
   payload, section = _section("op", "gpu_compile")
   body = tables.markdown(gpu_compile.summary(section["rows"]), gpu_compile.SUMMARY_COLUMNS)
   return gpu_compile.header(payload) + "\n\n" + body
 
 
-@register("gpu_compile_resnet18")
+@tables.register("gpu_compile_resnet18")
 def _gpu_compile_resnet18_table():
   _, section = _section("resnet", "gpu_compile")
   return tables.markdown(section["rows"], gpu_compile.RESNET_COLUMNS)

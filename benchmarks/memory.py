@@ -31,7 +31,7 @@ def _normjax_apply(x, closed_form=True):
   params, state = bn.init(x)
   if closed_form:
     return (lambda p, x: bn.apply(p, state, x, training=True)), params
-  return (lambda p, x: op_batch_norm.autodiff_apply(bn, {}, p, state, x)), params
+  return (lambda p, x: op_batch_norm.autodiff_apply({}, p, state, x)), params
 
 
 def _flax_apply(x, fast):
