@@ -154,7 +154,8 @@ def test_cpu_training_step_reads_and_writes_the_minimum(dtype, options, masked):
   hlo = jax.jit(step).lower(params, x, x).compile().as_text()
   kernels = _full_size_kernels(hlo, math.prod(shape))
   reads, writes = sum(k[1] for k in kernels), sum(k[2] for k in kernels)
-  # bfloat16 ghost groups: the statistics read one bfloat16 copy of x in the group view, which XLA:CPU
-  # reduces 3x faster than x converted and then regrouped (lowering._keeps_group_view): +1 write, +1 read.
+  # bfloat16 ghost groups: jaxlib 0.10 makes the statistics read one bfloat16 copy of x in the group
+  # view, which XLA:CPU reduces 3x faster than x converted and then regrouped
+  # (lowering._keeps_group_view): +1 write, +1 read; jaxlib 0.8.1 (the floor) copies nothing.
   extra = 1 if ("ghost_batch_size" in options and dtype == jnp.bfloat16) else 0
-  assert writes == 2 + extra and reads <= 9 + extra, kernels
+  assert 2 <= writes <= 2 + extra and reads <= 9 + extra, kernels
