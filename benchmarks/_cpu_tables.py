@@ -14,8 +14,10 @@ def _rows(name):
 @tables.register("op_batch_norm_warm_summary")
 def _op_warm_summary():
   payload = tables._load("op_batch_norm_warm")  # pylint: disable=protected-access
+  caches = "flushed" if payload.get("cold_caches", True) else "not flushed"
   summary = tables.markdown(tables.op_summary(payload["rows"]), tables.SUMMARY_COLUMNS)
-  return tables._machine_line(payload) + " Caches not flushed.\n\n" + summary  # pylint: disable=protected-access
+  head = tables._machine_line(payload)  # pylint: disable=protected-access
+  return f"{head} Caches {caches}.\n\n{summary}"
 
 
 def _relative_error(value):
