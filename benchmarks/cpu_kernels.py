@@ -1,18 +1,21 @@
-"""Why normjax's CPU training forward trails flax with cold caches: small kernels between the passes.
+"""Why a BatchNorm training forward on XLA:CPU is slower than flax's with more than 8 kernels.
 
-XLA:CPU runs every top-level fusion as its own kernel, and does not fuse `select` or small reductions
-into their neighbours, so the per-feature epilogue of a BatchNorm step (statistics, running averages,
-checks) becomes several tiny kernels between the statistics and the normalize pass. With cold caches
-(as for a layer inside a model) that costs far more than their own work. This script measures it two
+XLA:CPU's runtime (`ThunkExecutor`) runs a program of at most 8 kernels ("thunks") one after the
+other, and a larger one as a concurrent dataflow graph on its thread pool
+(`execute_sequential_num_thunks_threshold = 8`, not configurable). On a 2-core machine the concurrent
+mode makes the forward's two big reductions and its normalize pass slower. This script shows it two
 ways, per activation shape:
 
-  * `minimal`: a plain-JAX BatchNorm forward (two sums, normalize: flax's program) with `r` tiny
-    per-feature reductions inserted on its variance (`var * (1 + 0 * max(var))`, values unchanged;
-    XLA:CPU makes separate kernels of each reduction and its use), r = 0, 2, 4, 6.
+  * `threshold`: flax's forward in plain JAX (two sums, normalize, the two running averages: 6
+    kernels) with `k` tiny per-feature outputs added (`sin(var + i)`, one kernel each), k = 0 … 5:
+    the time steps up between 8 and 9 kernels and hardly moves otherwise.
+  * `extras`: the same forward with a scalar count output (a BatchNorm state's step count), and
+    with its per-feature epilogue inside a `lax.cond` on a runtime predicate (the structure of
+    normjax's precision check): what these two cost by themselves.
   * `ablation`: normjax's training forward (y and the new state) against flax.linen's, and normjax
-    with the precision check of the CPU lowering (`lax.cond` for the shifted second pass) and/or the
-    finiteness guard of the running statistics (`running.select_finite`) removed by patching them at
-    trace time — what those two pieces of semantics cost in kernels and time.
+    with the precision check of the CPU lowering (`lax.cond` for the shifted second pass; its
+    per-feature work then lands in the outer program) and/or the finiteness guard of the running
+    statistics (`running.select_finite`) removed by patching them at trace time.
 
 Both are timed with `_common.time_paired`, cold (caches flushed before each call) and warm.
 
@@ -32,29 +35,55 @@ from benchmarks import _common
 from benchmarks import hlo_stats
 from benchmarks import op_batch_norm
 from benchmarks import tables
+from normjax._src import lowering
 from normjax._src import running
 
 
-def minimal_program(reductions: int):
-  """flax's forward in plain JAX, with `reductions` tiny per-feature reductions on the variance."""
+def threshold_program(extra: int):
+  """flax's forward in plain JAX (y and the two running averages), with `extra` tiny outputs."""
 
   def forward(x):
     axes = tuple(range(x.ndim - 1))
     mean = jnp.mean(x, axes)
     var = jnp.maximum(jnp.mean(x * x, axes) - mean * mean, 0.0)
-    for _ in range(
-      reductions
-    ):  # values unchanged; XLA:CPU makes kernels of each reduction and its use
-      var = var * (1.0 + 0.0 * jnp.max(var))
-    return (x - mean) * jax.lax.rsqrt(var + 1e-5)
+    outputs = [(x - mean) * jax.lax.rsqrt(var + 1e-5), 0.9 * mean, 0.9 * var]
+    return outputs + [jnp.sin(var + i) for i in range(extra)]  # one kernel each on XLA:CPU
 
   return jax.jit(forward)
+
+
+def extras_programs(x):
+  """flax's forward in plain JAX as `threshold_program(0)`, alone, with a scalar count output, and with
+  its per-feature epilogue inside a `lax.cond` (normjax's structure; both branches are the same)."""
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+
+  def epilogue(s1, s2):
+    mean = s1 / n
+    var = jnp.maximum(s2 / n - mean * mean, 0.0)
+    return mean, jax.lax.rsqrt(var + 1e-5), 0.9 * mean, 0.9 * var
+
+  def forward(x, count, conditional):
+    s1, s2 = jnp.sum(x, axes), jnp.sum(x * x, axes)
+    if conditional:
+      never = lowering.any_true(s1 > 3e38)  # a runtime predicate, as the precision check's
+      mean, rstd, *state = jax.lax.cond(never, epilogue, epilogue, s1, s2)
+    else:
+      mean, rstd, *state = epilogue(s1, s2)
+    outputs = [(x - mean) * rstd] + state
+    return outputs + [jnp.int32(1)] if count else outputs
+
+  return {
+    "flax's forward": jax.jit(functools.partial(forward, count=False, conditional=False)),
+    "+ a count output": jax.jit(functools.partial(forward, count=True, conditional=False)),
+    "+ its epilogue in a cond": jax.jit(functools.partial(forward, count=False, conditional=True)),
+  }
 
 
 @contextlib.contextmanager
 def _ablated(no_check: bool, no_guard: bool):
   with contextlib.ExitStack() as stack:
-    if no_check:  # the CPU lowering's `lax.cond(plain_ok, keep, second_pass)` always keeps
+    if no_check:  # the CPU lowering's `lax.cond(plain_ok, keep, second_pass, ...)` always keeps
       stack.enter_context(
         mock.patch.object(jax.lax, "cond", lambda p, keep, other, *ops: keep(*ops))
       )
@@ -99,9 +128,12 @@ def _timed_rows(fns, inputs, repeats, kernels, part):
 
 def run(shape, repeats):
   x = jax.random.normal(jax.random.key(0), shape, jnp.float32) * 2.0 + 0.5
-  minimal = {f"minimal + {r} reductions": minimal_program(r) for r in (0, 2, 4, 6)}
-  kernels = {name: _kernels(fn.lower(x).compile()) for name, fn in minimal.items()}
-  rows = _timed_rows(minimal, (x,), repeats, kernels, "minimal")
+  threshold = {f"flax's forward + {k} outputs": threshold_program(k) for k in range(6)}
+  kernels = {name: _kernels(fn.lower(x).compile()) for name, fn in threshold.items()}
+  rows = _timed_rows(threshold, (x,), repeats, kernels, "threshold")
+  extras = extras_programs(x)
+  kernels = {name: _kernels(fn.lower(x).compile()) for name, fn in extras.items()}
+  rows += _timed_rows(extras, (x,), repeats, kernels, "extras")
   shape_text = "x".join(map(str, shape))
   programs = ablation_programs(x)
   kernels = {name: _kernels(compiled) for name, (compiled, _, _) in programs.items()}

@@ -226,6 +226,30 @@ def analyze(text: str, full_numel: Optional[int] = None) -> dict:
   return stats
 
 
+def sequences(text: str) -> dict:
+  """{computation: kernel count} for the entry and every branch of its conditionals, recursively:
+  the programs XLA:CPU's runtime executes as one thunk sequence each (in order when it has at most 8
+  kernels, as a concurrent graph beyond; see `normjax/_src/lowering.py`)."""
+  comps = computations(text)
+  out = {}
+
+  def visit(name):
+    kernels = _kernels(comps, name)
+    out[name] = len(kernels)
+    for instr, _ in kernels:
+      if instr.opcode == "conditional":
+        match = re.search(r"branch_computations=\{([^}]*)\}", instr.attrs)
+        names = match.group(1).split(",") if match else []
+        names += re.findall(r"(?:true|false)_computation=%([\w.\-]+)", instr.attrs)
+        for branch in names:
+          branch = branch.strip().lstrip("%")
+          if branch and branch not in out:
+            visit(branch)
+
+  visit("ENTRY")
+  return out
+
+
 def _shape_text(shape: str) -> str:
   """ "bf16[256,56,56,64]" without the layout."""
   dtype, dims = arrays(shape)[0]

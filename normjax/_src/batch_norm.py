@@ -21,6 +21,7 @@ import numpy as np
 
 from normjax._src import collectives
 from normjax._src import fused_batch_norm
+from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
 from normjax._src import renorm as renorm_lib
 from normjax._src import running
@@ -221,9 +222,9 @@ def running_targets(config, mean, var, count):
   equal counts, i.e. without a mask, tf-keras' plain mean over virtual batches), and the total count."""
   if config.unbiased_running_var:
     var = jnp.where(count > 1, var * count / jnp.maximum(count - 1.0, 1.0), var)
-  total = jnp.sum(count, axis=0)
+  total = lowering.sum_leading(count)
   weight = count / jnp.maximum(total, 1.0)
-  return jnp.sum(weight * mean, axis=0), jnp.sum(weight * var, axis=0), total
+  return lowering.sum_leading(weight * mean), lowering.sum_leading(weight * var), total
 
 
 def check_finite_moments(batch_mean, batch_var, total):
@@ -254,10 +255,41 @@ def updated_state(config, state, batch_mean, batch_var, total):
   else:
     var = running.update(state.var, batch_var, state.count, **options)
   (mean, var), updated = running.select_finite((state.mean, state.var), (mean, var), total > 0)
-  count = state.count + jnp.any(updated).astype(state.count.dtype)
+  count = state.count + lowering.any_true(updated).astype(state.count.dtype)
   return BatchNormState(
     *(jax.lax.stop_gradient(v.astype(o.dtype)) for v, o in zip((mean, var, count), state))
   )
+
+
+def _per_feature_epilogue(config, state, bshape, feature_shape, moments):
+  """Everything a training step computes per feature from the batch moments: renorm's corrections,
+  the running update and the merged moments. It runs inside `moments_and_count` (its `epilogue`), so
+  a CPU program keeps this work inside the precision check's branches.
+
+  Returns:
+    `((mean, var, count, rstd), (r, d), new_state, (batch_mean, batch_var, batch_total), (total, mean,
+    var))`: the per-group moments with `rstd = 1 / sqrt(var + epsilon)`, renorm's corrections (None without renorm), the new `BatchNormState`, the
+    running update's targets and the moments of the whole batch (feature shape).
+  """
+  mean, var, count = moments
+  r = d = None
+  if config.renorm:
+    r, d = renorm_lib.corrections(
+      mean,
+      var,
+      state.mean.reshape(bshape),
+      state.var.reshape(bshape),
+      state.count,
+      r_max=config.r_max,
+      d_max=config.d_max,
+      epsilon=config.epsilon,
+    )
+  targets = tuple(v.reshape(feature_shape) for v in running_targets(config, mean, var, count))
+  new_state = updated_state(config, state, *targets)
+  merged = stats.merge_moments_along(count, mean, var, axis=0)
+  merged = tuple(v.reshape(feature_shape) for v in merged)
+  rstd = jax.lax.rsqrt(var + config.epsilon)
+  return (mean, var, count, rstd), (r, d), new_state, targets, merged
 
 
 def _apply(config: BatchNormConfig, params, state, x, *, training, mask=None):
@@ -301,7 +333,8 @@ def apply_with_batch_moments(
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   _check_group_count(config, xg, reduce_axes)
   shift = stats_shift(config, state, x, (1,) + bshape)
-  mean, var, count = stats.moments_and_count(
+  per_feature = functools.partial(_per_feature_epilogue, config, state, bshape, feature_shape)
+  (mean, var, count, rstd), (r, d), new_state, targets, moments = stats.moments_and_count(
     xg,
     reduce_axes,
     mask=mask_g,
@@ -310,19 +343,8 @@ def apply_with_batch_moments(
     method=config.stats_method,
     shift=shift,
     grouped=True,
+    epilogue=per_feature,
   )
-  r = d = None
-  if config.renorm:
-    r, d = renorm_lib.corrections(
-      mean,
-      var,
-      state.mean.reshape(bshape),
-      state.var.reshape(bshape),
-      state.count,
-      r_max=config.r_max,
-      d_max=config.d_max,
-      epsilon=config.epsilon,
-    )
   y = fused_batch_norm.normalize_training(  # closed-form derivatives (forward and reverse mode)
     xg,
     mask_g,
@@ -337,15 +359,10 @@ def apply_with_batch_moments(
     epsilon=config.epsilon,
     dtype=dtype,
     closed_form=closed_form,
-  )
-  batch_mean, batch_var, batch_total = (
-    v.reshape(feature_shape) for v in running_targets(config, mean, var, count)
+    rstd=rstd,
   )
   if config.check_finite:
-    check_finite_moments(batch_mean, batch_var, batch_total)
-  new_state = updated_state(config, state, batch_mean, batch_var, batch_total)
-  total, full_mean, full_var = stats.merge_moments_along(count, mean, var, axis=0)
-  moments = tuple(v.reshape(feature_shape) for v in (total, full_mean, full_var))
+    check_finite_moments(*targets)
   return _ungrouped(config, y, x.shape), new_state, moments
 
 

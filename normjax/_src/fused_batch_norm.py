@@ -67,6 +67,7 @@ def normalize_training(
   epsilon: float,
   dtype=None,
   closed_form: bool = True,
+  rstd=None,
 ):
   """`normalize(x, mean, var, scale', bias')` for the batch's own statistics, closed-form derivative.
 
@@ -84,6 +85,8 @@ def normalize_training(
     dtype: output dtype (default `x.dtype`).
     closed_form: True (default) differentiates with the closed-form rule; False with plain autodiff
       through the statistics (the reference the tests and benchmarks compare against). Same forward.
+    rstd: None, or `1 / sqrt(var + epsilon)` computed by the caller along with `moments` (BatchNorm
+      computes it in the statistics' epilogue, so a CPU program has no kernel of its own for it).
 
   Returns:
     `y` of `x`'s shape in `dtype`; both paths give bitwise the same value.
@@ -109,8 +112,8 @@ def normalize_training(
   config = _Config(tuple(reduce_axes), axis_name, groups, float(epsilon), dtype)
   mean, var, count = moments
   if not closed_form:
-    return _forward(config, x, mask, scale, bias, r, d, mean, var, count)
-  return _closed_form(config, x, mask, scale, bias, r, d, mean, var, count)
+    return _forward(config, x, mask, scale, bias, r, d, mean, var, count, rstd)
+  return _closed_form(config, x, mask, scale, bias, r, d, mean, var, count, rstd)
 
 
 _vary_like = compat.vary_like  # version-specific shard_map typing lives in compat.py
@@ -124,38 +127,38 @@ def _effective_affine(scale, bias, r, d):
   return unit * r, (0.0 if bias is None else bias.astype(r.dtype)) + unit * d
 
 
-def _normalize(config, x, mean, var, scale, bias, r, d):
+def _normalize(config, x, mean, var, rstd, scale, bias, r, d):
   scale_e, bias_e = _effective_affine(scale, bias, r, d)
   return normalize_lib.normalize(
-    x, mean, var, scale_e, bias_e, epsilon=config.epsilon, dtype=config.dtype
+    x, mean, var, scale_e, bias_e, epsilon=config.epsilon, dtype=config.dtype, rstd=rstd
   )
 
 
-def _forward(config, x, mask, scale, bias, r, d, mean, var, count):
+def _forward(config, x, mask, scale, bias, r, d, mean, var, count, rstd):
   del mask, count
-  return _normalize(config, x, mean, var, scale, bias, r, d)
+  return _normalize(config, x, mean, var, rstd, scale, bias, r, d)
 
 
 _closed_form = jax.custom_jvp(_forward, nondiff_argnums=(0,))
 
 
 def _closed_form_jvp(config, primals, tangents):
-  x, mask, scale, bias, r, d, mean, var, count = primals
+  x, mask, scale, bias, r, d, mean, var, count, rstd = primals
   dx, _, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents[:4])
   # The statistics' own tangents (tangents[6:]) are not used: the closed form below accounts for their
   # dependence on x. They enter the checkpointed tangent as inputs: reverse mode keeps them (per-feature
   # vectors) with x and recomputes x̂ from them, and higher-order derivatives see, through the outer
   # differentiation of `moments`, their dependence on x.
-  y = _normalize(config, x, mean, var, scale, bias, r, d)
+  y = _normalize(config, x, mean, var, rstd, scale, bias, r, d)
   if (
     dx is None and dscale is None and dbias is None
   ):  # e.g. only renorm's stop-gradient r, d traced
     return y, _vary_like(x, jnp.zeros_like(y))
   tangent = jax.checkpoint(functools.partial(_tangent, config), prevent_cse=False)
-  return y, tangent(x, mask, mean, var, count, scale, r, d, dx, dscale, dbias)
+  return y, tangent(x, mask, mean, var, count, rstd, scale, r, d, dx, dscale, dbias)
 
 
-def _tangent(config, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias):
+def _tangent(config, x, mask, mean, var, count, rstd, scale, r, d, dx, dscale, dbias):
   """The closed-form tangent `dy`, linear in `(dx, dscale, dbias)` (None: a zero tangent).
 
   Written so that its transpose (reverse mode) reduces only `g` and `g·x̂`: every per-feature
@@ -163,7 +166,7 @@ def _tangent(config, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias):
   negation of full-size values). XLA then computes `Σ g` and `Σ g·x̂` once for dx, dscale and dbias.
   On a CPU, `x̂` enters in the form of `_CpuXhat` (see there).
   """
-  args = (x, mask, mean, var, count, scale, r, d, dx, dscale, dbias)
+  args = (x, mask, mean, var, count, rstd, scale, r, d, dx, dscale, dbias)
   return lowering.cpu_or_portable(
     *args,
     cpu=functools.partial(_tangent_with, config, _cpu_xhat, _cpu_output),
@@ -215,14 +218,14 @@ def _cpu_xhat(config, x, mean, rstd, acc):
 
 
 def _tangent_with(
-  config, make_xhat, make_output, x, mask, mean, var, count, scale, r, d, dx, dscale, dbias
+  config, make_xhat, make_output, x, mask, mean, var, count, rstd, scale, r, d, dx, dscale, dbias
 ):
   acc = stats.accumulation_dtype(x)
   keep = tuple(
     1 if a in config.reduce_axes else n for a, n in enumerate(x.shape)
   )  # per-group vectors
   per_group = functools.partial(_per_group, keep=keep, dtype=acc)
-  rstd = jax.lax.rsqrt(var.astype(acc) + config.epsilon)
+  rstd = jax.lax.rsqrt(var.astype(acc) + config.epsilon) if rstd is None else rstd.astype(acc)
   xhat = make_xhat(config, x, mean, rstd, acc)
   terms = []  # (per-group coefficient of 1, per-group coefficient of x̂, full-size term)
   if dx is not None:

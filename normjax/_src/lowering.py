@@ -8,7 +8,15 @@ with jax 0.10.2 (`benchmarks/cpu_reductions.py` reproduces every figure):
     make XLA write that intermediate to memory in float32 and read it back twice;
   * a reduction whose operand subtracts (or multiplies by) a broadcast per-feature vector runs at about
     0.6× the speed of one over `x` or `x * x` (21 vs 35 GB/s on a 26 MB float32 activation);
-  * `select` (`jnp.where`) is not fused at all.
+  * `select` (`jnp.where`) is not fused when its condition has another user (e.g. a reduction);
+  * the runtime runs a program's kernels ("thunks") one after the other when there are at most 8 of
+    them, and as a concurrent dataflow graph on its thread pool when there are more (XLA's
+    `ThunkExecutor`: `execute_sequential_num_thunks_threshold = 8`, not configurable). On this
+    2-core machine the concurrent mode costs 13-21 % of a BatchNorm training forward whose two big
+    reductions and normalize pass are otherwise the same (measured with caches flushed,
+    `benchmarks/cpu_kernels.py`): flax's forward is 6 kernels, and normjax's was 18 before its
+    per-feature work moved into the precision check's branches (`stats.moments_and_count`'s
+    `epilogue`), where a conditional's branch runs as a nested program with its own count.
 
 GPU and TPU compilers have none of these limits, so their programs stay the portable ones: every
 CPU-specific choice goes through `cpu_or_portable`, which stages both and lets XLA keep the branch of
@@ -16,6 +24,7 @@ the platform it compiles for (`jax.lax.platform_dependent`: the choice is made w
 ahead-of-time compilation for a TPU on a CPU host gets the TPU program).
 """
 
+import functools
 from typing import Callable, Tuple
 
 import jax
@@ -34,6 +43,51 @@ def cpu_or_portable(*args, cpu: Callable, portable: Callable):
     2.0
   """
   return jax.lax.platform_dependent(*args, cpu=cpu, default=portable)
+
+
+def any_true(flags) -> jax.Array:
+  """`jnp.any(flags)`, in a form that XLA:CPU computes in one kernel on a CPU.
+
+  XLA:CPU splits a boolean `reduce` into a `reduce-window` and a `reduce` and materializes the flags
+  for them (three kernels with the op producing the flags). The position of the first True behind a
+  False sentinel is one fused reduction (with the flags computed inside it), and it is True exactly
+  when that position is not 0. Other platforms get `jnp.any`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import lowering
+    >>> bool(lowering.any_true(jnp.array([False, True]))), bool(lowering.any_true(jnp.zeros(3, bool)))
+    (True, False)
+  """
+  return cpu_or_portable(
+    jnp.asarray(flags, bool), cpu=_first_true_is_not_sentinel, portable=jnp.any
+  )
+
+
+def _first_true_is_not_sentinel(flags):
+  return jnp.argmax(jnp.concatenate([jnp.zeros((1,), bool), flags.ravel()])) != 0
+
+
+def sum_leading(values) -> jax.Array:
+  """`jnp.sum(values, axis=0)` for a few per-feature rows (e.g. ghost groups' statistics).
+
+  XLA:CPU hands even a 2 × C reduction to YNNPACK, whose call costs about 65 µs with cold caches; on
+  a CPU the rows (at most 32) are added one by one instead, which fuses with their neighbours. Other
+  platforms get `jnp.sum`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import lowering
+    >>> lowering.sum_leading(jnp.array([[1.0, 2.0], [3.0, 4.0]])).tolist()
+    [4.0, 6.0]
+  """
+  values = jnp.asarray(values)
+  if values.shape[0] == 1:
+    return values[0]
+  if values.shape[0] > 32:
+    return jnp.sum(values, axis=0)
+  rows = lambda v: functools.reduce(jnp.add, [v[i] for i in range(v.shape[0])])
+  return cpu_or_portable(values, cpu=rows, portable=lambda v: jnp.sum(v, axis=0))
 
 
 def private_copies(value, count: int, *, grouped: bool = False) -> Tuple:

@@ -15,16 +15,19 @@ def normalize(
   *,
   epsilon: float,
   dtype=None,
+  rstd: Optional[jax.Array] = None,
 ) -> jax.Array:
   """`(x - mean) * scale / sqrt(var + epsilon) + bias`, computed in float32 (float64 for float64 `x`),
   returned in `dtype`.
 
   `mean`, `var`, `scale` and `bias` must broadcast against `x`; `scale` / `bias` may be None (1 / 0).
   The per-feature factor is formed first, so the elementwise work is one subtract, one multiply and one
-  add, which XLA fuses with the dtype conversions into a single pass over `x`.
+  add, which XLA fuses with the dtype conversions into a single pass over `x`. `rstd`, when given, is
+  `1 / sqrt(var + epsilon)` computed by the caller (then `var` is not read): BatchNorm's CPU program
+  computes it with the other per-feature work.
   """
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  factor = jax.lax.rsqrt(var.astype(acc) + epsilon)
+  factor = jax.lax.rsqrt(var.astype(acc) + epsilon) if rstd is None else rstd.astype(acc)
   if scale is not None:
     factor = factor * scale.astype(acc)
   y = (x.astype(acc) - mean.astype(acc)) * factor

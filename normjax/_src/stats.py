@@ -37,10 +37,11 @@ never NaN.
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from normjax._src import collectives
 from normjax._src import lowering
@@ -146,32 +147,42 @@ def moments_and_count(
   method="shifted",
   shift=None,
   grouped=False,
+  epilogue: Optional[Callable] = None,
 ):
   """Like `moments` with keepdims=True and checked arguments, also returning the float32 valid count.
 
   `shift` (keepdims shape) must be common to the devices of `axis_name`; `None` uses the probe.
   `grouped`: `x` is BatchNorm's `(groups, ghost_batch_size, ...)` view (helps the CPU lowering, see
-  `lowering.as_operand`).
+  `lowering.as_operand`). `epilogue`: a function of `(mean, var, count)` (per-feature arrays) whose
+  result is returned instead of them; BatchNorm passes its running update and per-feature
+  coefficients. The CPU lowering traces it inside both branches of its precision check, so that
+  this per-feature work adds no kernel to the outer program (see `lowering.py`: XLA:CPU runs a program
+  of at most 8 kernels in order and a larger one as a concurrent graph, which is slower here).
   """
+  finish = epilogue if epilogue is not None else (lambda moments: moments)
   mask = validation.prepare_mask(mask, x.shape)
   count = _count(x.shape, axes, mask)
   if not axes:
     valid = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
     local_mean, m2 = jnp.where(valid, _acc(x), 0.0), jnp.zeros(x.shape, accumulation_dtype(x))
-    return _combine(count, local_mean, m2, axis_name, axis_index_groups)
+    return finish(_combine(count, local_mean, m2, axis_name, axis_index_groups))
   if method == "fast":
-    return _fast(x, axes, mask, count, axis_name, axis_index_groups)
+    return finish(_fast(x, axes, mask, count, axis_name, axis_index_groups))
   if method == "two_pass":
     local_mean, m2 = _two_pass(x, axes, mask, count)
-    return _combine(count, local_mean, m2, axis_name, axis_index_groups)
-  portable = functools.partial(
+    return finish(_combine(count, local_mean, m2, axis_name, axis_index_groups))
+  shifted = functools.partial(
     _shifted_portable, axes=axes, axis_name=axis_name, groups=axis_index_groups
   )
+  # `count` is closed over, not passed: without a mask it stays a NumPy constant (see `_count`)
+  portable = lambda x, mask, shift: finish(shifted(x, mask, count, shift))
   if axis_index_groups is None:
-    cpu = functools.partial(_shifted_cpu, axes=axes, axis_name=axis_name, grouped=grouped)
+    cpu = lambda x, mask, shift: _shifted_cpu(
+      x, mask, count, axes=axes, axis_name=axis_name, grouped=grouped, finish=finish
+    )
   else:  # groups could take different branches of the CPU test: the probe of this batch instead
-    cpu = lambda x, mask, count, shift: portable(x, mask, count, None)
-  return lowering.cpu_or_portable(x, mask, count, shift, cpu=cpu, portable=portable)
+    cpu = lambda x, mask, shift: portable(x, mask, None)
+  return lowering.cpu_or_portable(x, mask, shift, cpu=cpu, portable=portable)
 
 
 def accumulation_dtype(x):
@@ -186,8 +197,8 @@ def _acc(x):
 def _count(shape, axes, mask):
   """Number of valid elements per output position, float32, with keepdims shape."""
   kept_shape = tuple(1 if i in axes else s for i, s in enumerate(shape))
-  if mask is None:
-    return jnp.full(kept_shape, math.prod(shape[a] for a in axes), jnp.float32)
+  if mask is None:  # a NumPy constant: XLA embeds it (no kernel broadcasts it), psum folds it
+    return np.full(kept_shape, math.prod(shape[a] for a in axes), np.float32)
   broadcast_factor = math.prod(shape[a] for a in axes if mask.shape[a] == 1)
   summed_axes = tuple(a for a in axes if mask.shape[a] != 1)
   valid = jnp.sum(mask.astype(jnp.float32), axis=summed_axes, keepdims=True)
@@ -241,14 +252,16 @@ def _from_shifted_sums(count, s1, s2, shift):
   return mean, jnp.maximum(_safe_divide(s2, count) - offset * offset, 0.0), count
 
 
-def _shifted_cpu(x, mask, count, shift, *, axes, axis_name, grouped):
+def _shifted_cpu(x, mask, count, *, axes, axis_name, grouped, finish):
   """The CPU lowering of "shifted": plain sums, and a shifted second pass only where precision needs it.
 
   The second pass is the portable one with the probe shift (a first-pass mean may be NaN when a masked
-  element is); every device sees the same first-pass sums and takes the same branch. `shift` is not
-  needed here.
+  element is); every device sees the same first-pass sums and takes the same branch. No shift is
+  needed here. `finish` (the caller's epilogue) runs inside both branches. Its results leave them as
+  1-D arrays: XLA may give a conditional's multi-dimensional results a transposed layout (it did for
+  ghost groups' `(G, 1, 1, 1, C)` statistics), which the normalize pass would then read through a
+  per-element index transposition; a 1-D array has one layout, and the reshape back is free.
   """
-  del shift
   acc = accumulation_dtype(x)
   xs = lowering.private_copies(x, 2, grouped=grouped) if x.dtype != acc else (x, x)
   if mask is None:
@@ -258,18 +271,64 @@ def _shifted_cpu(x, mask, count, shift, *, axes, axis_name, grouped):
     weights = lowering.private_copies(mask.astype(acc), 2, grouped=grouped)
     s1 = jnp.sum(_acc(xs[0]) * weights[0], axes, keepdims=True)
     s2 = jnp.sum(jnp.square(_acc(xs[1])) * weights[1], axes, keepdims=True)
-  total, s1, s2 = collectives.cross_device_sum((count, s1, s2), axis_name)
-  mean, var, total = _from_shifted_sums(total, s1, s2, jnp.zeros((), acc))
-  plain_ok = jnp.all((mean * mean <= CPU_PLAIN_SUMS_LIMIT * var) | (total == 0))
+  static = _static_counts(count, axis_name)
+  if static is None:
+    sums = collectives.cross_device_sum((count, s1, s2), axis_name)
+  else:  # known at trace time: made inside the branches, where XLA folds them (operands it would copy)
+    sums = (jnp.asarray(static[1]),) + collectives.cross_device_sum((s1, s2), axis_name)
 
-  def second_pass(core, mask, count):
+  structure = []  # the epilogue's tree and leaf shapes; its leaves leave the branches flattened
+
+  def flat(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    structure[:] = [treedef, [leaf.shape for leaf in leaves]]
+    return [leaf.reshape(-1) for leaf in leaves]
+
+  count_shape = jnp.shape(count)
+
+  def counts(count, sums):
+    if static is None:
+      return count, sums
+    local, total = (jnp.full(count_shape, v, jnp.float32) for v in static)
+    return local, (total,) + tuple(sums)
+
+  def second_pass(core, mask, count, sums):
     data = lowering.from_operand(core, x)
-    return _shifted_portable(data, mask, count, None, axes=axes, axis_name=axis_name, groups=None)
+    count, _ = counts(count, sums)
+    moments = _shifted_portable(
+      data, mask, count, None, axes=axes, axis_name=axis_name, groups=None
+    )
+    return flat(finish(moments))
 
-  def keep(core, mask, count):
-    return mean, var, total
+  def keep(core, mask, count, sums):
+    _, sums = counts(count, sums)
+    return flat(finish(_from_shifted_sums(*sums, 0.0)))
 
-  return jax.lax.cond(plain_ok, keep, second_pass, lowering.as_operand(x, grouped), mask, count)
+  operands = (lowering.as_operand(x, grouped), mask)
+  operands += (count, sums) if static is None else (None, sums[1:])
+  leaves = jax.lax.cond(_plain_sums_ok(*sums), keep, second_pass, *operands)
+  treedef, shapes = structure
+  return jax.tree_util.tree_unflatten(treedef, [v.reshape(s) for v, s in zip(leaves, shapes)])
+
+
+def _static_counts(count, axis_name):
+  """`(local, total)` valid counts as Python numbers when they are known at trace time (no mask, and
+  a static size of `axis_name`), `total` summed over its devices; None otherwise."""
+  if not isinstance(count, np.ndarray) or count.size == 0:
+    return None
+  size = 1 if axis_name is None else collectives._static_axis_size(axis_name)  # pylint: disable=protected-access
+  local = float(count.flat[0])
+  return None if size is None else (local, local * size)
+
+
+def _plain_sums_ok(total, s1, s2):
+  """Whether every statistic from plain sums keeps its precision: mean² ≤ 9 var (or no element).
+
+  NaN statistics fail the test (the second pass then decides). `lowering.any_true` keeps it to one
+  fused reduction on XLA:CPU (`jnp.all` takes three kernels there).
+  """
+  mean, var, total = _from_shifted_sums(total, s1, s2, jnp.zeros((), s1.dtype))
+  return ~lowering.any_true(~((mean * mean <= CPU_PLAIN_SUMS_LIMIT * var) | (total == 0)))
 
 
 def _two_pass(x, axes, mask, count):
