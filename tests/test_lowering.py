@@ -188,5 +188,7 @@ def test_cpu_training_forward_keeps_each_program_within_eight_kernels(dtype, opt
   entry = programs.pop("ENTRY")
   keep, second_pass = sorted(programs.values())  # the second pass (|mean| > 3 std) reads x again
   assert entry <= 8, programs
-  # renorm's corrections and σ average add square roots that XLA:CPU keeps in kernels of their own
-  assert keep <= (10 if options.get("renorm") else 8), programs
+  # renorm's corrections and σ average add square roots that XLA:CPU keeps in kernels of their own;
+  # the floor's XLA (jaxlib 0.8.1) fuses less: debias's step powers take 10 kernels there
+  limit = 8 if compat.JAXLIB_VERSION >= (0, 10, 2) else 10
+  assert keep <= (10 if options.get("renorm") else limit), programs
