@@ -90,6 +90,37 @@ def sum_leading(values) -> jax.Array:
   return cpu_or_portable(values, cpu=rows, portable=lambda v: jnp.sum(v, axis=0))
 
 
+def cond_with_1d_results(pred, true_fun, false_fun, *operands):
+  """`jax.lax.cond(pred, true_fun, false_fun, *operands)`, its array results leaving the branches 1-D.
+
+  XLA may give a conditional's multi-dimensional results a transposed layout (it did for ghost
+  groups' `(G, 1, 1, 1, C)` statistics on XLA:CPU), which a consumer such as the normalize pass then
+  reads through a per-element index transposition. A 1-D array has one layout, and the reshape back to
+  the branches' shapes is free.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import lowering
+    >>> double, same = (lambda v: {"a": v * 2}), (lambda v: {"a": v})
+    >>> out = lowering.cond_with_1d_results(True, double, same, jnp.ones((2, 3)))
+    >>> out["a"].shape, float(out["a"][0, 0])
+    ((2, 3), 2.0)
+  """
+  structure = []  # the branches' result tree and leaf shapes (the same for both)
+
+  def flat(fun):
+    def branch(*args):
+      leaves, treedef = jax.tree_util.tree_flatten(fun(*args))
+      structure[:] = [treedef, [leaf.shape for leaf in leaves]]
+      return [leaf.reshape(-1) for leaf in leaves]
+
+    return branch
+
+  leaves = jax.lax.cond(pred, flat(true_fun), flat(false_fun), *operands)
+  treedef, shapes = structure
+  return jax.tree_util.tree_unflatten(treedef, [v.reshape(s) for v, s in zip(leaves, shapes)])
+
+
 def private_copies(value, count: int, *, grouped: bool = False) -> Tuple:
   """`count` aliases of `value` (an array or a tuple of arrays) that XLA may not merge.
 

@@ -257,10 +257,7 @@ def _shifted_cpu(x, mask, count, *, axes, axis_name, grouped, finish):
 
   The second pass is the portable one with the probe shift (a first-pass mean may be NaN when a masked
   element is); every device sees the same first-pass sums and takes the same branch. No shift is
-  needed here. `finish` (the caller's epilogue) runs inside both branches. Its results leave them as
-  1-D arrays: XLA may give a conditional's multi-dimensional results a transposed layout (it did for
-  ghost groups' `(G, 1, 1, 1, C)` statistics), which the normalize pass would then read through a
-  per-element index transposition; a 1-D array has one layout, and the reshape back is free.
+  needed here. `finish` (the caller's epilogue) runs inside both branches.
   """
   acc = accumulation_dtype(x)
   xs = lowering.private_copies(x, 2, grouped=grouped) if x.dtype != acc else (x, x)
@@ -277,13 +274,6 @@ def _shifted_cpu(x, mask, count, *, axes, axis_name, grouped, finish):
   else:  # known at trace time: made inside the branches, where XLA folds them (operands it would copy)
     sums = (jnp.asarray(static[1]),) + collectives.cross_device_sum((s1, s2), axis_name)
 
-  structure = []  # the epilogue's tree and leaf shapes; its leaves leave the branches flattened
-
-  def flat(tree):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    structure[:] = [treedef, [leaf.shape for leaf in leaves]]
-    return [leaf.reshape(-1) for leaf in leaves]
-
   count_shape = jnp.shape(count)
 
   def counts(count, sums):
@@ -295,20 +285,17 @@ def _shifted_cpu(x, mask, count, *, axes, axis_name, grouped, finish):
   def second_pass(core, mask, count, sums):
     data = lowering.from_operand(core, x)
     count, _ = counts(count, sums)
-    moments = _shifted_portable(
-      data, mask, count, None, axes=axes, axis_name=axis_name, groups=None
+    return finish(
+      _shifted_portable(data, mask, count, None, axes=axes, axis_name=axis_name, groups=None)
     )
-    return flat(finish(moments))
 
   def keep(core, mask, count, sums):
     _, sums = counts(count, sums)
-    return flat(finish(_from_shifted_sums(*sums, 0.0)))
+    return finish(_from_shifted_sums(*sums, 0.0))
 
   operands = (lowering.as_operand(x, grouped), mask)
   operands += (count, sums) if static is None else (None, sums[1:])
-  leaves = jax.lax.cond(_plain_sums_ok(*sums), keep, second_pass, *operands)
-  treedef, shapes = structure
-  return jax.tree_util.tree_unflatten(treedef, [v.reshape(s) for v, s in zip(leaves, shapes)])
+  return lowering.cond_with_1d_results(_plain_sums_ok(*sums), keep, second_pass, *operands)
 
 
 def _static_counts(count, axis_name):
