@@ -242,3 +242,31 @@ def test_running_var_update_by_hand():
     epsilon=1e-3,
   )
   assert float(var[0]) >= 0.0 and abs(float(var[0])) < 1e-9
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_a_non_finite_batch_variance_leaves_that_features_running_statistics_alone(bad):
+  """Renorm's guard tests the batch variance (its σ average is finite exactly when that is): a NaN or
+  inf element, or one whose square overflows float32 (1e30), keeps feature 0's previous running
+  values; the other features update as usual, and so does the count."""
+  x = np.random.default_rng(0).standard_normal((16, 3)).astype(np.float32) + 2.0
+  x[5, 0] = bad
+  bn = normjax.batch_norm(renorm=True, momentum=0.5, epsilon=EPS)
+  params, state = bn.init(jnp.asarray(x))
+  state = state._replace(mean=state.mean + 0.25, var=state.var * 1.5, count=jnp.asarray(3))
+  _, new = jax.jit(lambda s, x: bn.apply(params, s, x, training=True))(state, jnp.asarray(x))
+  assert float(new.mean[0]) == float(state.mean[0]) and float(new.var[0]) == float(state.var[0])
+  clean = x[:, 1:].astype(np.float64)
+  sigma = 0.5 * np.sqrt(1.5 + EPS) + 0.5 * np.sqrt(clean.var(axis=0) + EPS)
+  np.testing.assert_allclose(new.var[1:], sigma**2 - EPS, rtol=1e-5)
+  np.testing.assert_allclose(new.mean[1:], 0.5 * 0.25 + 0.5 * clean.mean(axis=0), rtol=1e-5)
+  assert int(new.count) == 4
+
+
+def test_running_var_update_stays_finite_up_to_float32s_largest_variance():
+  biggest = np.float32(np.finfo(np.float32).max)
+  var = renorm_lib.running_var_update(
+    jnp.array([biggest]), jnp.array([biggest]), jnp.array(0), momentum=0.5, debias=False,
+    epsilon=1e-3,
+  )
+  assert np.isfinite(var[0]) and float(var[0]) > 0.99 * float(biggest)

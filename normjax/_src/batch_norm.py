@@ -252,9 +252,14 @@ def updated_state(config, state, batch_mean, batch_var, total):
     var = renorm_lib.running_var_update(
       state.var, batch_var, state.count, epsilon=config.epsilon, **options
     )
+    # that update is finite exactly when the batch variance is (it stays below float32's overflow),
+    # so the guard tests the batch variance: its square roots then feed one kernel on XLA:CPU
+    valid = (total > 0) & jnp.isfinite(batch_var)
+    (mean,), updated = running.select_finite((state.mean,), (mean,), valid)
+    var = jnp.where(updated, var, state.var)
   else:
     var = running.update(state.var, batch_var, state.count, **options)
-  (mean, var), updated = running.select_finite((state.mean, state.var), (mean, var), total > 0)
+    (mean, var), updated = running.select_finite((state.mean, state.var), (mean, var), total > 0)
   count = state.count + lowering.any_true(updated).astype(state.count.dtype)
   return BatchNormState(
     *(jax.lax.stop_gradient(v.astype(o.dtype)) for v, o in zip((mean, var, count), state))

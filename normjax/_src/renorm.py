@@ -77,9 +77,11 @@ def corrections(
   scale multiplied by `r` and `γ d` added to the bias.
   """
   r_limit, d_limit = _value(r_max, step), _value(d_max, step)
-  sigma = jnp.sqrt(running_var + epsilon)
-  r = jnp.clip(jnp.sqrt(batch_var + epsilon) / sigma, 1.0 / r_limit, r_limit)
-  d = jnp.clip((batch_mean - running_mean) / sigma, -d_limit, d_limit)
+  # Each correction takes its own root (σ_B/σ = sqrt((σ²_B + ε)/(σ² + ε)), 1/σ = rsqrt(σ² + ε)), so no
+  # square root is shared between them: XLA:CPU keeps a shared root in a kernel of its own.
+  r = jnp.sqrt((batch_var + epsilon) / (running_var + epsilon))
+  r = jnp.clip(r, 1.0 / r_limit, r_limit)
+  d = jnp.clip((batch_mean - running_mean) * jax.lax.rsqrt(running_var + epsilon), -d_limit, d_limit)
   return jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
 
 
@@ -113,7 +115,9 @@ def running_var_update(
     epsilon: the ε inside the square roots.
 
   Returns:
-    The new running variance `max(σ² − ε, 0)`.
+    The new running variance `max(σ² − ε, 0)`, at most float32's largest value: it is finite whenever
+    `old_var` and `batch_var` are (σ averages two finite roots; only its square could overflow, at
+    variances within a few ulps of float32's largest value).
 
   Example:
     >>> import jax.numpy as jnp
@@ -126,4 +130,4 @@ def running_var_update(
   sigma = jnp.sqrt(old_var + epsilon)
   batch_sigma = jnp.sqrt(batch_var + epsilon)
   sigma = running.update(sigma, batch_sigma, count, momentum=momentum, debias=debias)
-  return jnp.maximum(sigma * sigma - epsilon, 0.0)
+  return jnp.clip(sigma * sigma - epsilon, 0.0, jnp.finfo(jnp.float32).max)
