@@ -11,11 +11,18 @@ is rewritten, so no implementation reads an input another one has just pulled in
 inputs, as a layer sees activations that left the cache long ago); and the order of the
 implementations rotates each round. A ratio is the median over rounds of the per-round ratio to the
 baseline, so a slow round (the machine's other tenants) counts against both sides of the ratio.
+
+Each ratio comes with a distribution-free 95 % confidence interval for that median (`median_interval`:
+order statistics of the per-round ratios, from the binomial distribution; no assumption about the shape
+of the noise). On the 2-core VM of BENCHMARKS.md one round's ratio of two identical programs spreads
+0.84-1.17 (10th-90th percentile) with cold caches, so a row's median over 30 rounds is known to about
++-5 %: a row is *slower* than the baseline only when its whole interval lies above 1.
 """
 
 import argparse
 import glob
 import json
+import math
 import os
 import platform
 import statistics
@@ -100,8 +107,9 @@ def time_paired(fns, input_sets, repeats: int, baseline: str, flush: bool = True
   """Round-robin timing with cold caches and rotating order; ratios paired by round.
 
   Returns:
-    {name: {"median_s", "min_s", "ratio"}} with `ratio` the median over rounds of
-    time(name) / time(baseline) in the same round (1.0 for the baseline).
+    {name: {"median_s", "min_s", "ratio", "ratio_lo", "ratio_hi"}} with `ratio` the median over
+    rounds of time(name) / time(baseline) in the same round (1.0 for the baseline) and
+    [`ratio_lo`, `ratio_hi`] its 95 % confidence interval (`median_interval`).
   """
   names = list(fns)
   for fn in fns.values():
@@ -116,14 +124,36 @@ def time_paired(fns, input_sets, repeats: int, baseline: str, flush: bool = True
       start = time.perf_counter()
       jax.block_until_ready(fns[name](*inputs))
       times[name].append(time.perf_counter() - start)
-  return {
-    name: {
-      "median_s": statistics.median(t),
-      "min_s": min(t),
-      "ratio": statistics.median(a / b for a, b in zip(t, times[baseline])),
-    }
-    for name, t in times.items()
-  }
+  out = {}
+  for name, t in times.items():
+    ratios = [a / b for a, b in zip(t, times[baseline])]
+    lo, hi = median_interval(ratios)
+    out[name] = {"median_s": statistics.median(t), "min_s": min(t), "ratio": statistics.median(ratios)}
+    out[name].update(ratio_lo=lo, ratio_hi=hi)
+  return out
+
+
+def median_interval(values, confidence: float = 0.95) -> tuple:
+  """Distribution-free confidence interval of the median of `values` (order statistics).
+
+  With n values sorted, the interval [v_(k), v_(n+1-k)] (1-based) covers the median with probability
+  1 - 2 P(Binomial(n, 1/2) < k); k is the largest rank that keeps that at least `confidence`. Fewer
+  than 6 values cannot give a 95 % interval; the whole range is returned then.
+
+  Example:
+    >>> median_interval([0.9, 1.0, 1.1, 1.2, 0.95, 1.05, 1.0, 0.98, 1.02, 1.01])
+    (0.95, 1.1)
+  """
+  v, n = sorted(values), len(values)
+  below = 0.0  # P(Binomial(n, 1/2) < k) for the current k
+  k = 0
+  while k < n // 2:
+    below_next = below + math.comb(n, k) / 2.0**n
+    if 1.0 - 2.0 * below_next < confidence:
+      break
+    below, k = below_next, k + 1
+  k = max(k, 1)
+  return v[k - 1], v[n - k]
 
 
 def machine() -> dict:

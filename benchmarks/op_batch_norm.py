@@ -15,7 +15,9 @@ Throughput is reported against the memory floor: N = bytes of x; floors 2N (fwd 
 write y) and 5N (fwd+bwd: read x, write y, read x, read dy, write dx).
 
 Timing (`_common.time_paired`): round-robin, cold caches, rotating order; `ratio` is the median over
-rounds of normjax's time / flax's time in the same round (< 1: normjax faster). `--warm-caches` skips
+rounds of normjax's time / flax's time in the same round (< 1: normjax faster), with its distribution-
+free 95 % interval [`ratio_lo`, `ratio_hi`] and a `verdict`: "slower" / "faster" when the interval lies
+wholly above / below 1, "tie" otherwise. `--warm-caches` skips
 the cache flush before each call (what a tight loop over one layer sees; the default flush is closer to
 a layer inside a model, whose other layers evict its code and data).
 
@@ -196,8 +198,16 @@ def time_row(full, dtype, variant, mode, xs, dy, mask, impls, repeats, flush=Tru
       row[f"{impl}_vs_flax"] = t["ratio"]
   if baseline is not None and "normjax" in timed:
     row["ratio"] = row["normjax_vs_flax"]
+    row["ratio_lo"], row["ratio_hi"] = timed["normjax"]["ratio_lo"], timed["normjax"]["ratio_hi"]
+    row["verdict"] = verdict(row["ratio_lo"], row["ratio_hi"])
     row["ratio_min"] = timed["normjax"]["min_s"] / baseline["min_s"]
   return row
+
+
+def verdict(lo, hi) -> str:
+  """"slower" / "faster" when the 95 % interval of normjax / flax lies wholly above / below 1,
+  else "tie" (no difference this measurement can resolve)."""
+  return "slower" if lo > 1.0 else "faster" if hi < 1.0 else "tie"
 
 
 def shapes_for(grid, batch):

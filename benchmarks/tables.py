@@ -62,13 +62,25 @@ OP_COLUMNS = [
   ("flax_ms", "flax ms", "{:.3f}"),
   ("flax_two_pass_ms", "flax 2-pass ms", "{:.3f}"),
   ("ratio", "normjax / flax", "{:.3f}"),
+  ("ratio_interval", "95 % interval", "{}"),
   ("flax_two_pass_vs_flax", "flax 2-pass / flax", "{:.3f}"),
   ("normjax_GBps", "normjax GB/s (floor)", "{:.1f}"),
 ]
 
 
+def with_interval(rows):
+  """Rows with `ratio_interval` ("lo-hi" of normjax / flax's 95 % interval) where the JSON has one."""
+  out = []
+  for r in rows:
+    r = dict(r)
+    if r.get("ratio_lo") is not None:
+      r["ratio_interval"] = f"{r['ratio_lo']:.2f}-{r['ratio_hi']:.2f}"
+    out.append(r)
+  return out
+
+
 def print_op_table(rows) -> None:
-  print(text(rows, OP_COLUMNS))
+  print(text(with_interval(rows), OP_COLUMNS))
 
 
 def _geo(values):
@@ -76,14 +88,21 @@ def _geo(values):
   return math.exp(statistics.fmean(math.log(v) for v in values)) if values else None
 
 
+def _count_verdict(rows, verdict):
+  """How many rows have `verdict`; None for results measured before rows had one."""
+  if not any("verdict" in r for r in rows):
+    return None
+  return sum(r.get("verdict") == verdict for r in rows)
+
+
 def op_summary(rows):
-  """Per (mode, dtype, variant): rows, geometric mean, max and count of rows above 1 of the ratio."""
+  """Per (mode, dtype, variant): rows, geometric mean, max and count of rows above 1 of the ratio,
+  and the rows whose 95 % interval lies wholly above 1 (`slower`) or below 1 (`faster`)."""
   out = []
   keys = sorted({(r["mode"], r["dtype"], r["variant"]) for r in rows if "ratio" in r})
   for mode, dtype, variant in keys:
-    ratios = [
-      r["ratio"] for r in rows if (r["mode"], r["dtype"], r["variant"]) == (mode, dtype, variant)
-    ]
+    group = [r for r in rows if (r["mode"], r["dtype"], r["variant"]) == (mode, dtype, variant)]
+    ratios = [r["ratio"] for r in group]
     out.append(
       {
         "mode": mode,
@@ -93,6 +112,8 @@ def op_summary(rows):
         "geo": _geo(ratios),
         "max": max(ratios),
         "above_1": sum(r > 1.0 for r in ratios),
+        "slower": _count_verdict(group, "slower"),
+        "faster": _count_verdict(group, "faster"),
       }
     )
   return out
@@ -106,6 +127,8 @@ SUMMARY_COLUMNS = [
   ("geo", "normjax / flax (geo mean)", "{:.3f}"),
   ("max", "worst row", "{:.3f}"),
   ("above_1", "rows > 1.00", "{}"),
+  ("slower", "slower (95 %)", "{}"),
+  ("faster", "faster (95 %)", "{}"),
 ]
 
 
@@ -136,13 +159,13 @@ def _op_summary_table():
 def _op_rows_table():
   payload = _load("op_batch_norm")
   rows = [r for r in payload["rows"] if r["variant"] == "default"]
-  return markdown(rows, OP_COLUMNS)
+  return markdown(with_interval(rows), OP_COLUMNS)
 
 
 def _op_worst_table():
   payload = _load("op_batch_norm")
   rows = sorted((r for r in payload["rows"] if "ratio" in r), key=lambda r: -r["ratio"])[:12]
-  return markdown(rows, OP_COLUMNS)
+  return markdown(with_interval(rows), OP_COLUMNS)
 
 
 TABLES = {
