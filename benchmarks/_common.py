@@ -128,7 +128,11 @@ def time_paired(fns, input_sets, repeats: int, baseline: str, flush: bool = True
   for name, t in times.items():
     ratios = [a / b for a, b in zip(t, times[baseline])]
     lo, hi = median_interval(ratios)
-    out[name] = {"median_s": statistics.median(t), "min_s": min(t), "ratio": statistics.median(ratios)}
+    out[name] = {
+      "median_s": statistics.median(t),
+      "min_s": min(t),
+      "ratio": statistics.median(ratios),
+    }
     out[name].update(ratio_lo=lo, ratio_hi=hi)
   return out
 

@@ -205,8 +205,8 @@ def time_row(full, dtype, variant, mode, xs, dy, mask, impls, repeats, flush=Tru
 
 
 def verdict(lo, hi) -> str:
-  """"slower" / "faster" when the 95 % interval of normjax / flax lies wholly above / below 1,
-  else "tie" (no difference this measurement can resolve)."""
+  """The row's verdict from normjax / flax's 95 % interval: "slower" / "faster" when it lies wholly
+  above / below 1, else "tie" (no difference this measurement can resolve)."""
   return "slower" if lo > 1.0 else "faster" if hi < 1.0 else "tie"
 
 

@@ -198,8 +198,9 @@ def _canonical_program(text: str):
   its first use: two programs that differ only in names compare equal, constants included."""
   names = {}
   rename = lambda m: "%" + str(names.setdefault(m.group(0), len(names)))
-  lines = [l for l in text.splitlines() if re.match(r"\s+(ROOT )?%", l)]
-  return [re.sub(r"%[\w.\-]+", rename, re.sub(r",?\s*metadata=\{[^}]*\}", "", l)) for l in lines]
+  lines = [line for line in text.splitlines() if re.match(r"\s+(ROOT )?%", line)]
+  strip = lambda line: re.sub(r",?\s*metadata=\{[^}]*\}", "", line)
+  return [re.sub(r"%[\w.\-]+", rename, strip(line)) for line in lines]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

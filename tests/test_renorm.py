@@ -266,7 +266,11 @@ def test_a_non_finite_batch_variance_leaves_that_features_running_statistics_alo
 def test_running_var_update_stays_finite_up_to_float32s_largest_variance():
   biggest = np.float32(np.finfo(np.float32).max)
   var = renorm_lib.running_var_update(
-    jnp.array([biggest]), jnp.array([biggest]), jnp.array(0), momentum=0.5, debias=False,
+    jnp.array([biggest]),
+    jnp.array([biggest]),
+    jnp.array(0),
+    momentum=0.5,
+    debias=False,
     epsilon=1e-3,
   )
   assert np.isfinite(var[0]) and float(var[0]) > 0.99 * float(biggest)

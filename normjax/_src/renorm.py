@@ -81,7 +81,9 @@ def corrections(
   # square root is shared between them: XLA:CPU keeps a shared root in a kernel of its own.
   r = jnp.sqrt((batch_var + epsilon) / (running_var + epsilon))
   r = jnp.clip(r, 1.0 / r_limit, r_limit)
-  d = jnp.clip((batch_mean - running_mean) * jax.lax.rsqrt(running_var + epsilon), -d_limit, d_limit)
+  d = jnp.clip(
+    (batch_mean - running_mean) * jax.lax.rsqrt(running_var + epsilon), -d_limit, d_limit
+  )
   return jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
 
 
