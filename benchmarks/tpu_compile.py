@@ -44,7 +44,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from typing import Any, Callable, Dict, List, Optional  # noqa: E402
+from typing import Any, Callable, Dict, List, Optional, Tuple  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import tables  # noqa: E402
+from normjax._src import pallas_batch_norm  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 OUT_FILES = {
@@ -59,8 +60,9 @@ OUT_FILES = {
   "models": "tpu_compile.json",
   "collectives": "tpu_collectives.json",
   "bytes": "tpu_bytes.json",
+  "pallas": "tpu_pallas.json",
 }
-PARTS = ("registry", "models", "collectives", "bytes")
+PARTS = ("registry", "models", "collectives", "bytes", "pallas")
 CI_SLICES = ("v5e:1", "v5e:2x2")
 MEMORY_SLICES = ("v5e:2x2", "v5e:4x4", "v5e:8x8", "v5e:16x16")  # 4 to 256 chips
 MEMORY_TOLERANCE = 0.02  # per-device memory may vary by 2 % between slice sizes
@@ -681,7 +683,10 @@ def op_bytes_row(shape, dtype, mesh_, impls, failures: Failures) -> dict:
   for impl in impls:
     try:
       fn, args = _op_program(impl, shape, dtype, mesh_)
-      row[impl] = _tpu.compile_facts(fn, *args).bytes_accessed / n_bytes
+      with pallas_batch_norm.assume_vmem_budget(
+        0
+      ):  # the portable XLA program (Pallas: `pallas_row`)
+        row[impl] = _tpu.compile_facts(fn, *args).bytes_accessed / n_bytes
     except Exception as error:  # pylint: disable=broad-except
       failures.add(
         "compile failed",
@@ -711,6 +716,112 @@ def check_op_bytes(rows, failures: Failures) -> None:
         normjax=row["normjax"],
         flax=row["flax"],
       )
+
+
+V5E_VMEM_BUDGET = (
+  96 * 2**20
+)  # 3/4 of a v5e core's 128 MiB (what `vmem_budget()` takes on a v5e host)
+PALLAS_IMPLS = ("normjax", "flax")
+
+
+_MSA_OPS = ("copy-start", "slice-start", "slice-done")  # memory-space assignment's prefetches
+
+
+def _hlo_traffic(hlo: str) -> Tuple[float, float, int]:
+  """Operand + result bytes over the ENTRY's top-level instructions, split into memory-space
+  assignment's prefetches (`_MSA_OPS` and its `ConcatBitcast` reassembly) and everything else
+  (fusions, kernels), and the number of Pallas kernels."""
+  msa = compute = 0.0
+  for row in _tpu.entry_traffic(hlo):
+    moved = row["read"] + row["written"]
+    if row["op"] in _MSA_OPS or (row["op"] == "custom-call" and _is_concat_bitcast(hlo, row)):
+      msa += moved
+    else:
+      compute += moved
+  return compute, msa, hlo.count('custom_call_target="tpu_custom_call"')
+
+
+def _is_concat_bitcast(hlo: str, row) -> bool:
+  line = next((ln for ln in hlo.splitlines() if f"%{row['name']} = " in ln), "")
+  return 'custom_call_target="ConcatBitcast"' in line
+
+
+def pallas_row(shape, dtype, mesh_, failures: Failures) -> dict:
+  """The fwd+bwd of one op row with the Pallas kernel (v5e's VMEM budget) against the XLA programs.
+
+  `bytes accessed` alone cannot compare them: the compiler's cost model does not see into a custom
+  call. Each program is also measured by the operand and result bytes of its top-level HLO
+  instructions (`_tpu.entry_traffic`) in units of N, split into fusions and kernels (`compute`; for
+  the kernel exactly what its block specs copy: each `x` block in once, each `y` block out once) and
+  memory-space assignment's prefetches into VMEM (`msa`).
+  """
+  n_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+  row = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name, "N_bytes": n_bytes}
+  row["fits"] = pallas_batch_norm.fits(shape, dtype, dtype, V5E_VMEM_BUDGET)
+  programs = {"normjax Pallas": ("normjax", V5E_VMEM_BUDGET)}
+  programs.update({impl: (impl, 0) for impl in PALLAS_IMPLS})
+  for name, (impl, budget) in programs.items():
+    try:
+      fn, args = _op_program(impl, shape, dtype, mesh_)
+      with pallas_batch_norm.assume_vmem_budget(budget):
+        compiled = jax.jit(fn).lower(*args).compile()
+    except Exception as error:  # pylint: disable=broad-except
+      failures.add(
+        "compile failed", part="pallas", layer=name, shape=row["shape"], error=_error_line(error)
+      )
+      continue
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    compute, msa, kernels = _hlo_traffic(compiled.as_text())
+    row[name] = compute / n_bytes
+    row[f"{name} msa"] = msa / n_bytes
+    row[f"{name} cost model"] = float(cost.get("bytes accessed", np.nan)) / n_bytes
+    row[f"{name} kernels"] = kernels
+  return row
+
+
+PALLAS_SHAPES = [(OP_BATCH,) + s for s in OP_SHAPES[:4]] + [
+  (32, 56, 56, 64),
+  (32, 32, 32, 128),
+  (64, 16, 16, 256),
+  (4096, 1024),
+]
+
+
+def run_pallas(failures: Failures, shapes, dtypes) -> List[dict]:
+  mesh_ = _tpu.mesh("v5e:1", BATCH)
+  rows = []
+  for dtype in dtypes:
+    for shape in shapes:
+      rows.append(pallas_row(tuple(shape), dtype, mesh_, failures))
+      print(tables.row_line(rows[-1]), flush=True)
+  check_pallas_rows(rows, failures)
+  return rows
+
+
+def check_pallas_rows(rows, failures: Failures) -> None:
+  """Where the kernel fits, the program runs it and moves no more than flax's and the XLA path's, by
+  the cost model and by its fusions and kernels (within `OP_BYTES_SLACK`); where it does not, the
+  program is the XLA path's."""
+  for row in rows:
+    if "normjax Pallas" not in row:
+      continue
+    pallas, others = row["normjax Pallas"], [row.get("flax", np.inf), row.get("normjax", np.inf)]
+    model = row["normjax Pallas cost model"]
+    model_others = [row.get("flax cost model", np.inf), row.get("normjax cost model", np.inf)]
+    ran = row["normjax Pallas kernels"] >= 1
+    if row["fits"]:
+      holds = ran and pallas <= min(others) + OP_BYTES_SLACK
+      holds = holds and model <= min(model_others) + OP_BYTES_SLACK
+    else:  # the XLA path's program
+      holds = not ran and model == row.get("normjax cost model")
+    failures.check(
+      holds,
+      "the Pallas kernel runs exactly where it fits, and moves no more than flax's and XLA's",
+      part="pallas",
+      shape=row["shape"],
+      dtype=row["dtype"],
+    )
 
 
 def _model_norms(dtype):
@@ -763,7 +874,8 @@ def model_bytes_rows(mesh_, dtype, names, failures: Failures) -> List[dict]:
         images = _tpu.global_batch((batch, *image_shape), dtype, mesh_)
         labels = _tpu.global_batch((batch,), jnp.int32, mesh_)
         step = model_resnet18.make_step(model, tx)
-        facts, seconds = _timed(lambda: _tpu.compile_facts(step, state, images, labels))
+        with pallas_batch_norm.assume_vmem_budget(0):  # the portable XLA program, as flax's
+          facts, seconds = _timed(lambda: _tpu.compile_facts(step, state, images, labels))
       except Exception as error:  # pylint: disable=broad-except
         failures.add(
           "compile failed", part="bytes", model=name, layer=impl, error=_error_line(error)
@@ -987,6 +1099,22 @@ def _bytes_ops_table():
   )
 
 
+@tables.register("tpu_bytes_pallas")
+def _bytes_pallas_table():
+  rows = [r for r in _load("tpu_pallas.json")["rows"] if "normjax Pallas" in r]
+  for r in rows:
+    r["fits"] = "yes" if r["fits"] else "no: XLA path"
+  columns = [("shape", "shape (NHWC)", "{}"), ("dtype", "dtype", "{}"), ("fits", "kernel", "{}")]
+  for impl, label in (("normjax Pallas", "Pallas"), ("normjax", "normjax XLA"), ("flax", "flax")):
+    columns += [
+      (f"{impl} cost model", f"{label}: cost model", "{:.2f}"),
+      (impl, f"{label}: fusions + kernels", "{:.2f}"),
+      (f"{impl} msa", f"{label}: MSA prefetches", "{:.2f}"),
+    ]
+  head = "fwd+bwd on one v5e chip, in units of N = bytes of x; floors 5N and 8N.\n\n"
+  return head + tables.markdown(rows, columns)
+
+
 @tables.register("tpu_bytes_models")
 def _bytes_models_table():
   rows = _load("tpu_bytes.json")["models"]
@@ -1164,6 +1292,9 @@ def main(argv=None):
       store = Store(os.path.join(args.out, OUT_FILES["bytes"]), machine)
       store.data.update(result)
       store.put("failures", [f for f in failures.items if f.get("part") == "bytes"])
+    if "pallas" in s["parts"]:
+      rows = run_pallas(failures, PALLAS_SHAPES, s["dtypes"])
+      Store(os.path.join(args.out, OUT_FILES["pallas"]), machine).put("rows", rows)
   except Exception:  # pylint: disable=broad-except  (a bug of the suite: reported with the rest)
     failures.add("suite error", error=traceback.format_exc().strip().splitlines()[-1])
   print(f"\n{time.perf_counter() - start:.0f} s; {len(failures.items)} failure(s)")

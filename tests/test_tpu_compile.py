@@ -31,7 +31,9 @@ if importlib.util.find_spec("libtpu") is None:
 
 from benchmarks import _tpu  # noqa: E402  (first: libtpu's environment, before jax)
 from benchmarks import tpu_compile as tc  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 C = tc.COLLECTIVE_SHAPE[-1]
 C_VECTOR = 4 * C  # bytes of one float32 vector over the C features
@@ -169,3 +171,42 @@ def test_hlo_parser_reads_collectives_and_iota_replica_groups():
   assert [c["kind"] for c in found] == ["all-reduce", "all-gather"]
   assert found[0]["bytes"] == 2 * 128 * 4 and found[0]["replica_groups"] == [[0, 1], [2, 3]]
   assert found[1]["bytes"] == 16 and found[1]["replica_groups"] == [[0, 2], [1, 3]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pallas_kernel_runs_and_moves_less_than_flax(dtype):
+  """With v5e's VMEM budget a fitting shape takes the Pallas kernel, whose fwd+bwd moves no more than
+  flax's and the XLA path's, and 1 N less by the cost model (its statistics pass); a shape whose
+  layout the kernel cannot take (7×7: `pallas_batch_norm.LAYOUT`) keeps the XLA path."""
+  failures = tc.Failures()
+  mesh_ = _tpu.mesh("v5e:1", tc.BATCH)
+  shapes = [(64, 16, 16, 256), (8, 7, 7, 512)]
+  rows = [tc.pallas_row(s, jnp.dtype(dtype), mesh_, failures) for s in shapes]
+  assert failures.items == [], failures.items
+  tc.check_pallas_rows(rows, failures)
+  assert failures.items == [], failures.items
+  first = rows[0]
+  assert first["normjax Pallas kernels"] == 1, first
+  assert first["normjax Pallas cost model"] <= first["normjax cost model"] - 0.9, first
+  assert not rows[1]["fits"] and rows[1]["normjax Pallas kernels"] == 0, rows[1]
+
+
+@pytest.mark.parametrize("slice_name", ["v4:2x2x1", "v5p:2x2x1", "v6e:2x2"])
+def test_pallas_kernel_compiles_for_each_generation(slice_name):
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  import normjax  # pylint: disable=g-import-not-at-top
+  from normjax._src import pallas_batch_norm  # pylint: disable=g-import-not-at-top
+
+  bn = normjax.batch_norm()
+  x = jax.ShapeDtypeStruct((16, 16, 16, 128), jnp.bfloat16)
+  params, state = jax.eval_shape(bn.init, x)
+  mesh_ = Mesh(np.array(_tpu.slice_devices(slice_name)[:1]), ("one",))
+  args = [_tpu.abstract(v, mesh_) for v in (params, state, x)]
+
+  def step(params, state, x):
+    loss = lambda p: jnp.sum(bn.apply(p, state, x, training=True)[0].astype(jnp.float32))  # noqa: E731
+    return jax.grad(loss)(params)
+
+  with pallas_batch_norm.assume_vmem_budget(8 * 2**20):  # within v4's 16 MiB
+    hlo = jax.jit(step).lower(*args).compile().as_text()
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 1, slice_name

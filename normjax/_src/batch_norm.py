@@ -23,6 +23,7 @@ from normjax._src import collectives
 from normjax._src import fused_batch_norm
 from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
+from normjax._src import pallas_batch_norm
 from normjax._src import renorm as renorm_lib
 from normjax._src import running
 from normjax._src import stats
@@ -308,7 +309,7 @@ def apply_with_batch_moments(
   """`apply`, also returning the batch's per-feature `(count, mean, var)` (None when not training).
 
   The moments are those of the whole (global, valid) batch, ghost groups merged exactly; population
-  recalibration (`normjax.linen.recalibrate_batch_stats`) accumulates them. Unused, XLA drops them.
+  recalibration (`normjax.linen.recalibrate_batch_stats`) accumulates them; they are held constant for differentiation. Unused, XLA drops them.
   `closed_form=False` differentiates by plain autodiff through `moments` instead of the closed-form
   rule (same values; the reference the tests and benchmarks compare against).
   """
@@ -337,8 +338,54 @@ def apply_with_batch_moments(
   xg, mask_g = _grouped(config, x, mask)
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   _check_group_count(config, xg, reduce_axes)
-  shift = stats_shift(config, state, x, (1,) + bshape)
   per_feature = functools.partial(_per_feature_epilogue, config, state, bshape, feature_shape)
+  xla = functools.partial(
+    _xla_training,
+    config,
+    state,
+    mask_g,
+    scale,
+    bias,
+    per_feature,
+    reduce_axes,
+    bshape,
+    dtype,
+    closed_form,
+    x.shape,
+  )
+  if closed_form and _kernel_handles(config, x, mask, axes, dtype):  # TPU: the Pallas kernel
+    kernel = functools.partial(_kernel_training, config, params, per_feature, dtype, x.shape)
+    # both branches take (and keep for reverse mode) the same operand, so a vjp keeps one x
+    # the statistics leave the branches without tangents (or a vjp would keep residuals for them)
+    y, new_state, targets, moments = jax.lax.platform_dependent(
+      xg, tpu=_no_statistics_tangents(kernel), default=_no_statistics_tangents(xla)
+    )
+  else:
+    y, new_state, targets, moments = _no_statistics_tangents(xla)(xg)
+  if config.check_finite:
+    check_finite_moments(*targets)
+  return y, new_state, moments
+
+
+def _xla_training(
+  config,
+  state,
+  mask_g,
+  scale,
+  bias,
+  per_feature,
+  reduce_axes,
+  bshape,
+  dtype,
+  closed_form,
+  shape,
+  xg,
+):
+  """The portable training step: statistics (`stats.moments_and_count`) and the closed-form normalize.
+
+  Returns `(y, new_state, targets, moments)` as `apply_with_batch_moments` uses them, `y` of `shape`
+  (the ungrouped input's)."""
+  shift = stats_shift(config, state, xg, (1,) + bshape)
   (mean, var, count, rstd), (r, d), new_state, targets, moments = stats.moments_and_count(
     xg,
     reduce_axes,
@@ -366,9 +413,40 @@ def apply_with_batch_moments(
     closed_form=closed_form,
     rstd=rstd,
   )
-  if config.check_finite:
-    check_finite_moments(*targets)
-  return _ungrouped(config, y, x.shape), new_state, moments
+  return _ungrouped(config, y, shape), new_state, targets, moments
+
+
+def _no_statistics_tangents(training):
+  """`training` with its per-feature results (`targets`, `moments`) held constant for differentiation."""
+
+  def run(xg):
+    y, new_state, targets, moments = training(xg)
+    return y, new_state, jax.lax.stop_gradient(targets), jax.lax.stop_gradient(moments)
+
+  return run
+
+
+def _kernel_handles(config, x, mask, axes, dtype) -> bool:
+  """Whether a TPU runs this training step as the Pallas kernel (`pallas_batch_norm`): features last,
+  one statistics group on one device (no ghost batches, axis_name or mask), no renorm, accurate
+  statistics (not "fast") and a block that fits the VMEM budget."""
+  plain = config.ghost_batch_size is None and config.axis_name is None and mask is None
+  plain = plain and not config.renorm and config.stats_method != "fast"
+  return plain and axes == (x.ndim - 1,) and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
+
+
+def _kernel_training(config, params, per_feature, dtype, shape, xg):
+  """`_xla_training`'s results from the Pallas kernel: exact two-pass statistics and y in one read
+  (`xg` is the one-group view `(1, *shape)`, which the kernel reduces over all axes but the last)."""
+  scale = params["scale"] if config.use_scale else None
+  bias = params["bias"] if config.use_bias else None
+  y, mean, var = fused_batch_norm.statistics_and_normalize(
+    xg, scale, bias, epsilon=config.epsilon, dtype=dtype
+  )
+  keep = (1,) * (xg.ndim - 1) + (xg.shape[-1],)  # one statistics group, keepdims
+  count = np.full(keep, xg.size // xg.shape[-1], np.float32)
+  _, _, new_state, targets, moments = per_feature((mean.reshape(keep), var.reshape(keep), count))
+  return y.reshape(shape), new_state, targets, moments
 
 
 def batch_norm(

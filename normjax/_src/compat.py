@@ -10,6 +10,9 @@ module calls these names and never tests a version itself:
     The aval's `vma` field; some versions kept it in `manual_axis_type.varying`; empty outside shard_map.
   * `vary_like(x, value)`: `value` made varying over the axes `x` varies over (a custom JVP's tangent
     must have its primal's type under `shard_map(check_vma=True)`).
+  * `shape_like(x, shape, dtype)`: a `jax.ShapeDtypeStruct` (e.g. a Pallas kernel's output) that varies
+    over the `shard_map` axes `x` varies over. jax ≥ 0.9 takes its `manual_axis_type`, earlier ones its
+    `vma`.
   * `OLD_CPU_REDUCTIONS`: True for jaxlib < 0.10.2, whose XLA CPU float32 reductions round more (measured
     on one reduction of 16,384 values near 1e4: variance error 1.3e-5 with jaxlib 0.7.0 and 0.8.1, 1.0e-6
     with 0.10.2). Tests whose float32 tolerance depends on the summation order read it.
@@ -28,6 +31,7 @@ Example:
   [] ['d']
 """
 
+import inspect
 from typing import FrozenSet, Sequence
 
 import jax
@@ -61,3 +65,22 @@ def vary_like(x, value):
   """`value` made device-varying over the mesh axes `x` varies over (shard_map's varying-axis types)."""
   missing = tuple(a for a in vma(x) if a not in vma(value))
   return vary(value, missing) if missing else value
+
+
+_SHAPE_TYPE_FIELD = next(
+  (
+    f
+    for f in ("manual_axis_type", "vma")
+    if f in inspect.signature(jax.ShapeDtypeStruct.__init__).parameters
+  ),
+  None,
+)
+
+
+def shape_like(x, shape, dtype) -> jax.ShapeDtypeStruct:
+  """`jax.ShapeDtypeStruct(shape, dtype)` varying over the shard_map axes `x` varies over."""
+  aval = jax.typeof(x)
+  value = getattr(aval, _SHAPE_TYPE_FIELD, None) if _SHAPE_TYPE_FIELD else None
+  if value is None:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, **{_SHAPE_TYPE_FIELD: value})

@@ -34,11 +34,13 @@ from typing import NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+import numpy as np
 
 from normjax._src import collectives
 from normjax._src import compat
 from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
+from normjax._src import pallas_batch_norm
 from normjax._src import stats
 
 
@@ -272,3 +274,96 @@ def _sum(values):
 
 
 _closed_form.defjvp(_closed_form_jvp, symbolic_zeros=True)
+
+
+class _KernelConfig(NamedTuple):
+  """The static arguments of `statistics_and_normalize`'s custom_jvp."""
+
+  epsilon: float
+  dtype: object
+  interpret: bool
+  budget: object
+
+
+def statistics_and_normalize(
+  x, scale, bias, *, epsilon: float, dtype=None, interpret: bool = False, budget=None
+):
+  """`(y, mean, var)` of a training step from the Pallas TPU kernel, with the closed-form derivative.
+
+  The kernel (`pallas_batch_norm.statistics_and_normalize`) reads `x` once for the statistics and the
+  normalization. Its derivative is the rule of `normalize_training` (one group, no mask, no renorm),
+  evaluated by XLA: forward mode and higher orders work, and reverse mode runs the portable
+  closed-form backward. The statistics' tangents are `Σ dx / n` and `2 Σ (x − μ)·dx / n`.
+
+  Args:
+    x: features last, with `pallas_batch_norm.fits(x.shape, x.dtype, dtype, budget)`.
+    scale, bias: `(C,)` arrays or None.
+    epsilon, dtype, interpret, budget: as `pallas_batch_norm.statistics_and_normalize`.
+
+  Returns:
+    `y` in `dtype`, float32 `(C,)` mean and biased variance.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.arange(32.0).reshape(16, 2)
+    >>> f = lambda x: statistics_and_normalize(x, None, None, epsilon=1e-5, interpret=True)[0]
+    >>> _, dy = jax.jvp(f, (x,), (jnp.ones_like(x),))  # a uniform shift: normalized away
+    >>> bool(jnp.max(jnp.abs(dy)) < 1e-6)
+    True
+  """
+  dtype = jnp.dtype(dtype if dtype is not None else x.dtype)
+  config = _KernelConfig(float(epsilon), dtype, bool(interpret), budget)
+  return _kernel_with_rule(config, x, scale, bias)
+
+
+def _run_kernel(config, x, scale, bias):
+  features = x.shape[-1]
+  scale = jnp.ones((features,), jnp.float32) if scale is None else scale
+  bias = jnp.zeros((features,), jnp.float32) if bias is None else bias
+  return pallas_batch_norm.statistics_and_normalize(
+    x,
+    scale,
+    bias,
+    epsilon=config.epsilon,
+    dtype=config.dtype,
+    interpret=config.interpret,
+    budget=config.budget,
+  )
+
+
+_kernel_with_rule = jax.custom_jvp(_run_kernel, nondiff_argnums=(0,))
+
+
+def _kernel_jvp(config, primals, tangents):
+  x, scale, bias = primals
+  dx, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents)
+  y, mean, var = _run_kernel(config, x, scale, bias)
+  keep = (1,) * (x.ndim - 1) + (x.shape[-1],)
+  axes = tuple(range(x.ndim - 1))
+  count = np.full(keep, x.size // x.shape[-1], np.float32)
+  zeros = jnp.zeros_like(mean)
+  if dx is None and dscale is None and dbias is None:
+    return (y, mean, var), (jnp.zeros_like(y), zeros, zeros)
+  rule = _Config(axes, None, None, config.epsilon, config.dtype)
+  m, v = mean.reshape(keep), var.reshape(keep)
+  reshaped = lambda a: None if a is None else a.reshape(keep)  # noqa: E731
+  tangents = jax.checkpoint(functools.partial(_kernel_tangents, rule, count), prevent_cse=False)
+  dy, dmean, dvar = tangents(x, m, v, reshaped(scale), dx, reshaped(dscale), reshaped(dbias))
+  return (y, mean, var), (dy, zeros if dmean is None else dmean, zeros if dvar is None else dvar)
+
+
+def _kernel_tangents(rule, count, x, mean, var, scale, dx, dscale, dbias):
+  """`(dy, dmean, dvar)`: the closed-form `dy` and the statistics' tangents, from `x` and per-feature
+  values only (checkpointed: reverse mode keeps `x` and no full-size intermediate). `count` is the
+  NumPy constant of elements per feature."""
+  rstd = jax.lax.rsqrt(var + rule.epsilon)
+  dy = _tangent(rule, x, None, mean, var, count, rstd, scale, None, None, dx, dscale, dbias)
+  if dx is None:
+    return dy, None, None
+  u, n = dx.astype(jnp.float32), float(count.flat[0])
+  dmean = jnp.sum(u, rule.reduce_axes) / n
+  dvar = 2.0 * jnp.sum((x.astype(jnp.float32) - mean) * u, rule.reduce_axes) / n
+  return dy, dmean, dvar
+
+
+_kernel_with_rule.defjvp(_kernel_jvp, symbolic_zeros=True)
