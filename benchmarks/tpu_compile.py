@@ -41,6 +41,7 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -731,19 +732,14 @@ def _hlo_traffic(hlo: str) -> Tuple[float, float, int]:
   """Operand + result bytes over the ENTRY's top-level instructions, split into memory-space
   assignment's prefetches (`_MSA_OPS` and its `ConcatBitcast` reassembly) and everything else
   (fusions, kernels), and the number of Pallas kernels."""
+  reassembly = set(re.findall(r'%(\S+) = [^\n]*custom_call_target="ConcatBitcast"', hlo))
   msa = compute = 0.0
   for row in _tpu.entry_traffic(hlo):
-    moved = row["read"] + row["written"]
-    if row["op"] in _MSA_OPS or (row["op"] == "custom-call" and _is_concat_bitcast(hlo, row)):
-      msa += moved
+    if row["op"] in _MSA_OPS or row["name"] in reassembly:
+      msa += row["read"] + row["written"]
     else:
-      compute += moved
+      compute += row["read"] + row["written"]
   return compute, msa, hlo.count('custom_call_target="tpu_custom_call"')
-
-
-def _is_concat_bitcast(hlo: str, row) -> bool:
-  line = next((ln for ln in hlo.splitlines() if f"%{row['name']} = " in ln), "")
-  return 'custom_call_target="ConcatBitcast"' in line
 
 
 def pallas_row(shape, dtype, mesh_, failures: Failures) -> dict:
@@ -764,18 +760,16 @@ def pallas_row(shape, dtype, mesh_, failures: Failures) -> dict:
     try:
       fn, args = _op_program(impl, shape, dtype, mesh_)
       with pallas_batch_norm.assume_vmem_budget(budget):
-        compiled = jax.jit(fn).lower(*args).compile()
+        facts = _tpu.compile_facts(fn, *args)
     except Exception as error:  # pylint: disable=broad-except
       failures.add(
         "compile failed", part="pallas", layer=name, shape=row["shape"], error=_error_line(error)
       )
       continue
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    compute, msa, kernels = _hlo_traffic(compiled.as_text())
+    compute, msa, kernels = _hlo_traffic(facts.hlo)
     row[name] = compute / n_bytes
     row[f"{name} msa"] = msa / n_bytes
-    row[f"{name} cost model"] = float(cost.get("bytes accessed", np.nan)) / n_bytes
+    row[f"{name} cost model"] = facts.bytes_accessed / n_bytes
     row[f"{name} kernels"] = kernels
   return row
 

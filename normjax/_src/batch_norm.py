@@ -309,7 +309,8 @@ def apply_with_batch_moments(
   """`apply`, also returning the batch's per-feature `(count, mean, var)` (None when not training).
 
   The moments are those of the whole (global, valid) batch, ghost groups merged exactly; population
-  recalibration (`normjax.linen.recalibrate_batch_stats`) accumulates them; they are held constant for differentiation. Unused, XLA drops them.
+  recalibration (`normjax.linen.recalibrate_batch_stats`) accumulates them; they are held constant
+  for differentiation. Unused, XLA drops them.
   `closed_form=False` differentiates by plain autodiff through `moments` instead of the closed-form
   rule (same values; the reference the tests and benchmarks compare against).
   """
@@ -339,81 +340,73 @@ def apply_with_batch_moments(
   reduce_axes = tuple(a for a in range(xg.ndim) if a != 0 and a - 1 not in axes)
   _check_group_count(config, xg, reduce_axes)
   per_feature = functools.partial(_per_feature_epilogue, config, state, bshape, feature_shape)
-  xla = functools.partial(
-    _xla_training,
-    config,
-    state,
-    mask_g,
-    scale,
-    bias,
-    per_feature,
-    reduce_axes,
-    bshape,
-    dtype,
-    closed_form,
-    x.shape,
+  step = _TrainingStep(
+    config, params, state, mask_g, scale, bias, per_feature, reduce_axes, bshape, dtype, x.shape
   )
+  xla = _no_statistics_tangents(functools.partial(_xla_training, step, closed_form))
   if closed_form and _kernel_handles(config, x, mask, axes, dtype):  # TPU: the Pallas kernel
-    kernel = functools.partial(_kernel_training, config, params, per_feature, dtype, x.shape)
-    # both branches take (and keep for reverse mode) the same operand, so a vjp keeps one x
-    # the statistics leave the branches without tangents (or a vjp would keep residuals for them)
-    y, new_state, targets, moments = jax.lax.platform_dependent(
-      xg, tpu=_no_statistics_tangents(kernel), default=_no_statistics_tangents(xla)
-    )
+    # both branches take (and keep for reverse mode) the same operand, so a vjp keeps one x; the
+    # statistics leave the branches without tangents (or a vjp would keep residuals for them)
+    kernel = _no_statistics_tangents(functools.partial(_kernel_training, step))
+    y, new_state, targets, moments = jax.lax.platform_dependent(xg, tpu=kernel, default=xla)
   else:
-    y, new_state, targets, moments = _no_statistics_tangents(xla)(xg)
+    y, new_state, targets, moments = xla(xg)
   if config.check_finite:
     check_finite_moments(*targets)
   return y, new_state, moments
 
 
-def _xla_training(
-  config,
-  state,
-  mask_g,
-  scale,
-  bias,
-  per_feature,
-  reduce_axes,
-  bshape,
-  dtype,
-  closed_form,
-  shape,
-  xg,
-):
+class _TrainingStep(NamedTuple):
+  """What both ways of computing a training step (`_xla_training`, `_kernel_training`) share."""
+
+  config: BatchNormConfig
+  params: Any
+  state: BatchNormState
+  mask_g: Any  # the grouped mask, or None
+  scale: Any  # keepdims-shaped, or None
+  bias: Any
+  per_feature: Any  # `_per_feature_epilogue` bound to the layer
+  reduce_axes: Tuple[int, ...]  # of the grouped view
+  bshape: Tuple[int, ...]
+  dtype: Any
+  shape: Tuple[int, ...]  # of the ungrouped input
+
+
+def _xla_training(step: _TrainingStep, closed_form: bool, xg):
   """The portable training step: statistics (`stats.moments_and_count`) and the closed-form normalize.
 
-  Returns `(y, new_state, targets, moments)` as `apply_with_batch_moments` uses them, `y` of `shape`
-  (the ungrouped input's)."""
-  shift = stats_shift(config, state, xg, (1,) + bshape)
+  Returns `(y, new_state, targets, moments)` as `apply_with_batch_moments` uses them, `y` of
+  `step.shape` (the ungrouped input's)."""
+  config = step.config
+  shift = stats_shift(config, step.state, xg, (1,) + step.bshape)
   (mean, var, count, rstd), (r, d), new_state, targets, moments = stats.moments_and_count(
     xg,
-    reduce_axes,
-    mask=mask_g,
+    step.reduce_axes,
+    mask=step.mask_g,
     axis_name=config.axis_name,
     axis_index_groups=config.axis_index_groups,
     method=config.stats_method,
     shift=shift,
     grouped=True,
-    epilogue=per_feature,
+    epilogue=step.per_feature,
   )
   y = fused_batch_norm.normalize_training(  # closed-form derivatives (forward and reverse mode)
     xg,
-    mask_g,
-    scale,
-    bias,
+    step.mask_g,
+    step.scale,
+    step.bias,
     r,
     d,
     (mean, var, count),
-    reduce_axes=reduce_axes,
+    reduce_axes=step.reduce_axes,
     axis_name=config.axis_name,
     axis_index_groups=config.axis_index_groups,
     epsilon=config.epsilon,
-    dtype=dtype,
+    dtype=step.dtype,
     closed_form=closed_form,
     rstd=rstd,
   )
-  return _ungrouped(config, y, shape), new_state, targets, moments
+  return _ungrouped(config, y, step.shape), new_state, targets, moments
 
 
 def _no_statistics_tangents(training):
@@ -435,18 +428,19 @@ def _kernel_handles(config, x, mask, axes, dtype) -> bool:
   return plain and axes == (x.ndim - 1,) and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
 
 
-def _kernel_training(config, params, per_feature, dtype, shape, xg):
+def _kernel_training(step: _TrainingStep, xg):
   """`_xla_training`'s results from the Pallas kernel: exact two-pass statistics and y in one read
   (`xg` is the one-group view `(1, *shape)`, which the kernel reduces over all axes but the last)."""
-  scale = params["scale"] if config.use_scale else None
-  bias = params["bias"] if config.use_bias else None
+  config = step.config
+  scale = step.params["scale"] if config.use_scale else None
+  bias = step.params["bias"] if config.use_bias else None
   y, mean, var = fused_batch_norm.statistics_and_normalize(
-    xg, scale, bias, epsilon=config.epsilon, dtype=dtype
+    xg, scale, bias, epsilon=config.epsilon, dtype=step.dtype
   )
-  keep = (1,) * (xg.ndim - 1) + (xg.shape[-1],)  # one statistics group, keepdims
-  count = np.full(keep, xg.size // xg.shape[-1], np.float32)
-  _, _, new_state, targets, moments = per_feature((mean.reshape(keep), var.reshape(keep), count))
-  return y.reshape(shape), new_state, targets, moments
+  count = stats.valid_count(xg.shape, step.reduce_axes, None)  # keepdims, a NumPy constant
+  moments = (mean.reshape(count.shape), var.reshape(count.shape), count)
+  _, _, new_state, targets, moments = step.per_feature(moments)
+  return y.reshape(step.shape), new_state, targets, moments
 
 
 def batch_norm(

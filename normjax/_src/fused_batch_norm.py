@@ -34,7 +34,6 @@ from typing import NamedTuple, Tuple
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
-import numpy as np
 
 from normjax._src import collectives
 from normjax._src import compat
@@ -338,9 +337,9 @@ def _kernel_jvp(config, primals, tangents):
   x, scale, bias = primals
   dx, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents)
   y, mean, var = _run_kernel(config, x, scale, bias)
-  keep = (1,) * (x.ndim - 1) + (x.shape[-1],)
   axes = tuple(range(x.ndim - 1))
-  count = np.full(keep, x.size // x.shape[-1], np.float32)
+  count = stats.valid_count(x.shape, axes, None)  # keepdims, a NumPy constant
+  keep = count.shape
   zeros = jnp.zeros_like(mean)
   if dx is None and dscale is None and dbias is None:
     return (y, mean, var), (jnp.zeros_like(y), zeros, zeros)

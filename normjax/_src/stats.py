@@ -161,7 +161,7 @@ def moments_and_count(
   """
   finish = epilogue if epilogue is not None else (lambda moments: moments)
   mask = validation.prepare_mask(mask, x.shape)
-  count = _count(x.shape, axes, mask)
+  count = valid_count(x.shape, axes, mask)
   if not axes:
     valid = jnp.ones(x.shape, bool) if mask is None else jnp.broadcast_to(mask, x.shape)
     local_mean, m2 = jnp.where(valid, _acc(x), 0.0), jnp.zeros(x.shape, accumulation_dtype(x))
@@ -174,7 +174,7 @@ def moments_and_count(
   shifted = functools.partial(
     _shifted_portable, axes=axes, axis_name=axis_name, groups=axis_index_groups
   )
-  # `count` is closed over, not passed: without a mask it stays a NumPy constant (see `_count`)
+  # `count` is closed over, not passed: without a mask it stays a NumPy constant (see `valid_count`)
   portable = lambda x, mask, shift: finish(shifted(x, mask, count, shift))
   if axis_index_groups is None:
     cpu = lambda x, mask, shift: _shifted_cpu(
@@ -194,8 +194,11 @@ def _acc(x):
   return x.astype(accumulation_dtype(x))
 
 
-def _count(shape, axes, mask):
-  """Number of valid elements per output position, float32, with keepdims shape."""
+def valid_count(shape, axes, mask):
+  """Number of valid elements of `shape` per position after reducing `axes`, float32, keepdims shape.
+
+  Without a mask it is a NumPy constant (known at trace time), with one an array summed from it.
+  """
   kept_shape = tuple(1 if i in axes else s for i, s in enumerate(shape))
   if mask is None:  # a NumPy constant: XLA embeds it (no kernel broadcasts it), psum folds it
     return np.full(kept_shape, math.prod(shape[a] for a in axes), np.float32)
@@ -226,7 +229,7 @@ def _probe_shift(x, axes, mask):
   if mask is not None:
     mask_index = tuple(s if mask.shape[a] != 1 else slice(None) for a, s in enumerate(index))
     probe_mask = mask[mask_index]
-  probe_count = _count(probe.shape, axes, probe_mask)
+  probe_count = valid_count(probe.shape, axes, probe_mask)
   return jax.lax.stop_gradient(_safe_divide(_masked_sum(probe, probe_mask, axes), probe_count))
 
 
