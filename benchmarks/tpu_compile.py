@@ -17,7 +17,8 @@ device, the batch split along axis 0, a fixed batch per device):
   `axis_index_groups`, and an inner axis of a 2-D mesh) and flax.linen.BatchNorm(axis_name=...).
 * `bytes`: the compiler's `bytes accessed` of BatchNorm fwd+bwd on one v5e chip at ResNet-50 shapes,
   batch 256, every variant, normjax vs flax; and of whole train steps (ResNet-18 CIFAR, batch 512, and
-  ResNet-50 ImageNet-shaped, batch 128, bfloat16), normjax vs flax.
+  ResNet-50 ImageNet-shaped, batch 128, bfloat16), normjax vs flax. With `--msa off` the train steps
+  are compiled again with the compiler's memory-space assignment (VMEM placement) off.
 
 Facts are asserted, not only printed (`check_*`): the collective rounds per synchronized layer, that
 their payloads are per-feature vectors (never an activation), the replica groups of device groups,
@@ -31,6 +32,7 @@ Usage (libtpu needed: `pip install -e '.[tpu-aot]'`):
   python -m benchmarks.tpu_compile                  # the full matrix (hours on 2 cores)
   python -m benchmarks.tpu_compile --ci             # a subset: a few minutes
   python -m benchmarks.tpu_compile --parts collectives,bytes --topologies v5e:2x2,v5e:16x16
+  python -m benchmarks.tpu_compile --parts bytes --msa off   # the train steps, VMEM placement off
   python -m benchmarks.tables                       # BENCHMARKS.md's tables from the JSON
 """
 
@@ -64,6 +66,8 @@ OUT_FILES = {
   "pallas": "tpu_pallas.json",
 }
 PARTS = ("registry", "models", "collectives", "bytes", "pallas")
+# libtpu's flag that turns off memory-space assignment (the compiler's placement of buffers in VMEM)
+MSA_OFF = "--xla_vf_vmem_memory_space_assignment=false"
 CI_SLICES = ("v5e:1", "v5e:2x2")
 MEMORY_SLICES = ("v5e:2x2", "v5e:4x4", "v5e:8x8", "v5e:16x16")  # 4 to 256 chips
 MEMORY_TOLERANCE = 0.02  # per-device memory may vary by 2 % between slice sizes
@@ -392,7 +396,8 @@ class SyncLayer:
   """A synchronized BatchNorm variant of the collectives part.
 
   `make(n)` gives `(apply(params, state, x) -> (y, state), params, state)` for an axis of n devices;
-  `expect` = (forward rounds, backward rounds) of all-reduce, None where nothing is asserted.
+  `expect` = (forward rounds, rounds forward+backward adds to them) of all-reduce, None where nothing
+  is asserted.
   """
 
   name: str
@@ -452,10 +457,10 @@ def sync_layers():
       check_vma=False,
       expect=(2, 1),
     ),
-    SyncLayer(
+    SyncLayer(  # Σg and Σg·(x − μ) need only μ, so XLA merges them into the forward's 2nd round
       'normjax stats_shift="batch"',
       _normjax_layer(axis_name=BATCH, stats_shift="batch"),
-      expect=(2, 1),
+      expect=(2, 0),
     ),
     SyncLayer("normjax.linen", _linen_layer(njl.BatchNorm, axis_name=BATCH), expect=(1, 1)),
     SyncLayer("flax.linen", _linen_layer(nn.BatchNorm, axis_name=BATCH), expect=(1, 1)),
@@ -827,6 +832,7 @@ def _model_norms(dtype):
   return {
     "normjax": functools.partial(njl.BatchNorm, **bn),
     'normjax stats_shift="batch"': functools.partial(njl.BatchNorm, stats_shift="batch", **bn),
+    'normjax stats_method="fast"': functools.partial(njl.BatchNorm, stats_method="fast", **bn),
     "flax": functools.partial(tm.FlaxBatchNorm, **bn),
     "flax two-pass": functools.partial(tm.FlaxBatchNorm, use_fast_variance=False, **bn),
   }
@@ -885,8 +891,12 @@ def model_bytes_rows(mesh_, dtype, names, failures: Failures) -> List[dict]:
   return rows
 
 
-def run_bytes(failures, shapes, dtypes, model_names) -> dict:
+def run_bytes(failures, shapes, dtypes, model_names, msa=True) -> dict:
+  """The op rows and the model rows; with `msa=False` (the compiler's memory-space assignment off,
+  see `MSA_OFF`) only the model rows, as `models_msa_off`."""
   mesh_ = _tpu.mesh("v5e:1", BATCH)
+  if not msa:
+    return {"models_msa_off": model_bytes_rows(mesh_, jnp.bfloat16, model_names, failures)}
   ops = []
   for dtype in dtypes:
     for shape in shapes:
@@ -1047,10 +1057,6 @@ def _collectives_table():
       note = _UNSUPPORTED if r.get("status") == "unsupported" else r.get("error", "")[:100]
       out.append({"slice": r["slice"], "layer": r["layer"], "note": f"{r['status']}: {note}"})
       continue
-    bwd_bytes = list(r["fwd_bwd_bytes"])
-    for b in r["fwd_bytes"]:  # the backward's: forward+backward less the forward's
-      if b in bwd_bytes:
-        bwd_bytes.remove(b)
     out.append(
       {
         "slice": r["slice"],
@@ -1058,8 +1064,9 @@ def _collectives_table():
         "layer": r["layer"],
         "fwd": r["fwd_all_reduce"],
         "fwd_b": _bytes_list(r["fwd_bytes"]),
+        "both": r["fwd_bwd_all_reduce"],
+        "both_b": _bytes_list(r["fwd_bwd_bytes"]),
         "bwd": r["bwd_all_reduce"],
-        "bwd_b": _bytes_list(bwd_bytes),
         "groups": _groups_text(r, "fwd"),
         "other": r["fwd_bwd_other"],
       }
@@ -1070,8 +1077,9 @@ def _collectives_table():
     ("layer", "synchronized BatchNorm", "{}"),
     ("fwd", "fwd all-reduces", "{}"),
     ("fwd_b", "fwd payloads (bytes)", "{}"),
-    ("bwd", "bwd all-reduces", "{}"),
-    ("bwd_b", "bwd payloads (bytes)", "{}"),
+    ("both", "fwd+bwd all-reduces", "{}"),
+    ("both_b", "fwd+bwd payloads (bytes)", "{}"),
+    ("bwd", "added by the bwd", "{}"),
     ("groups", "fwd replica groups (count × size)", "{}"),
     ("other", "other collectives", "{}"),
     ("note", "note", "{}"),
@@ -1111,13 +1119,13 @@ def _bytes_pallas_table():
 
 @tables.register("tpu_bytes_models")
 def _bytes_models_table():
-  rows = _load("tpu_bytes.json")["models"]
+  data = _load("tpu_bytes.json")
+  msa_off = {r["model"]: r for r in data.get("models_msa_off", [])}
   out = []
-  for r in rows:
-    flax_gb = r.get("flax GB")
+  for r in data["models"]:
+    off = msa_off.get(r["model"], {})
     for impl in _MODEL_IMPLS:
-      gb = r.get(f"{impl} GB")
-      if gb is None:
+      if r.get(f"{impl} GB") is None:
         continue
       out.append(
         {
@@ -1125,9 +1133,8 @@ def _bytes_models_table():
           "batch": r["batch"],
           "dtype": r["dtype"],
           "impl": impl,
-          "GB": gb,
-          "ratio": gb / flax_gb if flax_gb else None,
-          "delta_N": (gb - flax_gb) / r["norm_N_GB"] if flax_gb and r.get("norm_N_GB") else None,
+          **_versus_flax(r, impl, ""),
+          **_versus_flax(off, impl, "off_"),
           "memory": r.get(f"{impl} memory GB"),
           "N": r.get("norm_N_GB"),
           "layers": r.get("norm_layers"),
@@ -1138,9 +1145,11 @@ def _bytes_models_table():
     ("batch", "batch", "{}"),
     ("dtype", "dtype", "{}"),
     ("impl", "BatchNorm", "{}"),
-    ("GB", "bytes accessed GB", "{:.2f}"),
-    ("ratio", "/ flax", "{:.3f}"),
+    ("GB", "bytes accessed GB", "{:.3f}"),
+    ("ratio", "/ flax", "{:.4f}"),
     ("delta_N", "− flax, in ΣN", "{:+.2f}"),
+    ("off_GB", "MSA off: GB", "{:.3f}"),
+    ("off_ratio", "MSA off: / flax", "{:.4f}"),
     ("memory", "memory GB", "{:.2f}"),
     ("layers", "BN layers", "{}"),
     ("N", "ΣN GB", "{:.2f}"),
@@ -1148,7 +1157,25 @@ def _bytes_models_table():
   return tables.markdown(out, columns)
 
 
-_MODEL_IMPLS = ("normjax", 'normjax stats_shift="batch"', "flax", "flax two-pass")
+def _versus_flax(row, impl, prefix):
+  """`{prefix}GB`, `{prefix}ratio` to flax and `{prefix}delta_N` (per byte of BatchNorm input)."""
+  gb, flax_gb, norm_n = row.get(f"{impl} GB"), row.get("flax GB"), row.get("norm_N_GB")
+  if gb is None:
+    return {}
+  return {
+    f"{prefix}GB": gb,
+    f"{prefix}ratio": gb / flax_gb if flax_gb else None,
+    f"{prefix}delta_N": (gb - flax_gb) / norm_n if flax_gb and norm_n else None,
+  }
+
+
+_MODEL_IMPLS = (
+  "normjax",
+  'normjax stats_shift="batch"',
+  'normjax stats_method="fast"',
+  "flax",
+  "flax two-pass",
+)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -1195,6 +1222,13 @@ def parse_args(argv=None):
   p.add_argument("--entries", default=None, help="only registry entries whose name contains this")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--resume", action="store_true", help="keep the ok cells of an earlier --out JSON")
+  p.add_argument(
+    "--msa",
+    choices=("on", "off"),
+    default="on",
+    help="off: compile with the TPU compiler's memory-space assignment off (LIBTPU_INIT_ARGS, set "
+    "before libtpu loads); with --parts bytes, only the model rows, kept as models_msa_off",
+  )
   return p.parse_args(argv)
 
 
@@ -1271,6 +1305,8 @@ def main(argv=None):
     jax.config.update("jax_platforms", "cpu")
   if not _tpu.libtpu_available():
     sys.exit("benchmarks.tpu_compile needs libtpu (pip install -e '.[tpu-aot]')")
+  if args.msa == "off":  # read by libtpu when it loads, at the first topology below
+    os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {MSA_OFF}".strip()
   s = _settings(args)
   failures = Failures()
   start = time.perf_counter()
@@ -1282,7 +1318,8 @@ def main(argv=None):
       rows = run_collectives(s["slices"], failures)
       Store(os.path.join(args.out, OUT_FILES["collectives"]), machine).put("rows", rows)
     if "bytes" in s["parts"]:
-      result = run_bytes(failures, s["op_shapes"], s["dtypes"], s["model_bytes"])
+      msa = args.msa == "on"
+      result = run_bytes(failures, s["op_shapes"], s["dtypes"], s["model_bytes"], msa=msa)
       store = Store(os.path.join(args.out, OUT_FILES["bytes"]), machine)
       store.data.update(result)
       store.put("failures", [f for f in failures.items if f.get("part") == "bytes"])

@@ -17,6 +17,7 @@ import pytest
 import normjax
 from normjax._src import batch_norm as bn_lib
 from normjax._src import fused_batch_norm
+from normjax._src import lowering
 from tests import helpers
 
 EPS = 1e-5
@@ -141,6 +142,14 @@ def _numpy_reference(options, params, state, x, dy, mask):
   return y, dx, dscale, dbias
 
 
+@pytest.fixture(params=["cpu", "portable"])
+def program(request, monkeypatch):
+  """Each test runs twice: the CPU lowering, and the portable (GPU / TPU) program forced on this CPU."""
+  if request.param == "portable":
+    monkeypatch.setattr(lowering, "cpu_or_portable", lambda *a, cpu, portable: portable(*a))
+  return request.param
+
+
 def _assert_trees_close(got, want, **tol):
   got, want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
   assert len(got) == len(want)
@@ -149,7 +158,7 @@ def _assert_trees_close(got, want, **tol):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_closed_form_matches_float64_reference_and_autodiff(name):
+def test_closed_form_matches_float64_reference_and_autodiff(name, program):
   options, masked = CASES[name]
   shape = (8, 3, 2, 5)
   with jax.enable_x64(True):
@@ -173,7 +182,7 @@ def test_closed_form_matches_float64_reference_and_autodiff(name):
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-4), (jnp.bfloat16, 3e-2)])
 @pytest.mark.parametrize("name", ["plain", "masked", "ghost", "renorm"])
-def test_low_precision_inputs_against_float64(name, dtype, tol):
+def test_low_precision_inputs_against_float64(name, dtype, tol, program):
   options, masked = CASES[name]
   shape = (8, 4, 4, 6)
   bn, params, state, x = _setup(options, shape, dtype, seed=2)
@@ -225,7 +234,7 @@ def test_channels_first_and_multi_axis_layouts():
   "options, masked, order",
   [({}, False, 2), ({}, True, 2), ({"ghost_batch_size": 2}, False, 2), ({"renorm": True}, True, 2)],
 )
-def test_check_grads_forward_and_reverse(options, masked, order):
+def test_check_grads_forward_and_reverse(options, masked, order, program):
   shape = (4, 2, 2)
   with jax.enable_x64(True):
     bn, params, state, x = _setup({**options, "param_dtype": jnp.float64}, shape, jnp.float64)

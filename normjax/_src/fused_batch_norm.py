@@ -201,6 +201,19 @@ class _Xhat(NamedTuple):
 
 
 def _portable_xhat(config, x, mean, rstd, acc):
+  """`coef·x̂ = (x − μ)·(coef·rstd)` and `Σ u·x̂ = rstd·Σ u·(x − μ)`: `rstd` is folded into the
+  per-feature factors, so each full-size term takes one multiply of `x − μ` and reverse mode's `dx`
+  reads `μ` and two per-feature coefficients (`rstd·scale`, `rstd·slope`), as flax's autodiff does.
+  On the TPU compiler this brings a ResNet-50 train step below flax's bytes accessed (BENCHMARKS.md)."""
+  centered = x.astype(acc) - mean.astype(acc)
+  return _Xhat(
+    lambda coef: centered * (coef * rstd),
+    lambda u: jnp.sum(u * centered, config.reduce_axes, keepdims=True) * rstd,
+  )
+
+
+def _xhat_product(config, x, mean, rstd, acc):
+  """`x̂ = (x − μ)·rstd` formed first, then `coef·x̂` and `Σ u·x̂`: XLA:CPU's program (see `_cpu_xhat`)."""
   xhat = (x.astype(acc) - mean.astype(acc)) * rstd
   return _Xhat(
     lambda coef: coef * xhat, lambda u: jnp.sum(u * xhat, config.reduce_axes, keepdims=True)
@@ -208,13 +221,14 @@ def _portable_xhat(config, x, mean, rstd, acc):
 
 
 def _cpu_xhat(config, x, mean, rstd, acc):
-  """`x̂ = (x − μ)·rstd` for XLA:CPU: the same arithmetic, on private aliases of `x`, `μ` and `rstd`
+  """`x̂ = (x − μ)·rstd` for XLA:CPU: formed as one array, on private aliases of `x`, `μ` and `rstd`
   (see `lowering.private_copies`). In reverse mode `coef·x̂` becomes the reduction `Σ g·x̂` and
   `Σ u·x̂` the elementwise `dx`; with one shared `x̂` (or shared broadcasts of `μ` and `rstd`)
-  XLA:CPU writes full-size intermediates to memory, with an alias each both compute `x̂` in place."""
+  XLA:CPU writes full-size intermediates to memory, with an alias each both compute `x̂` in place.
+  (The folded form of `_portable_xhat` measured no faster here, so the CPU program is unchanged.)"""
   (xa, ma, ra), (xb, mb, rb) = lowering.private_copies((x, mean, rstd), 2, grouped=True)
-  return _portable_xhat(config, xa, ma, ra, acc)._replace(
-    sum_times=_portable_xhat(config, xb, mb, rb, acc).sum_times
+  return _xhat_product(config, xa, ma, ra, acc)._replace(
+    sum_times=_xhat_product(config, xb, mb, rb, acc).sum_times
   )
 
 
