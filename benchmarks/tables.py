@@ -229,6 +229,7 @@ def _import_registrants():
   for module in (
     "benchmarks._cpu_tables",
     "benchmarks.cpu_kernels",
+    "benchmarks.cpu_reductions",
     "benchmarks.gpu_suite",
     "benchmarks.tpu_compile",
   ):

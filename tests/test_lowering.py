@@ -219,3 +219,29 @@ def test_cpu_evaluation_compiles_to_flax_linens_program(dtype):
   ours_text = ours.lower(params, state, x).compile().as_text()
   theirs_text = theirs.lower(variables["params"], state_dict, x).compile().as_text()
   assert _canonical_program(ours_text) == _canonical_program(theirs_text)
+
+
+@pytest.mark.skipif(
+  compat.OLD_CPU_REDUCTIONS, reason="the facts of jaxlib ≥ 0.10's XLA:CPU (YNNPACK reductions)"
+)
+@pytest.mark.parametrize(
+  "dtype, name, intermediates",
+  [
+    (jnp.float32, "Σ(x − K), Σ(x − K)²: one x − K", 1),
+    (jnp.float32, "Σ(x − K), Σ(x − K)²: an alias each", 0),
+    (jnp.float32, "Σx, Σx²: plain", 0),
+    (jnp.bfloat16, "Σx, Σx²: plain", 1),
+    (jnp.bfloat16, "Σx, Σx²: an alias each", 0),
+  ],
+)
+def test_cpu_reductions_benchmark_shows_the_materialized_intermediates(dtype, name, intermediates):
+  """`benchmarks/cpu_reductions.py`'s structural facts (lowering.py's module docstring): a shared
+  `x − K` or float32 convert is written to memory for two sums; private aliases fuse it into each."""
+  from benchmarks import cpu_reductions  # pylint: disable=g-import-not-at-top
+
+  x = jnp.ones((8, 7, 7, 64), dtype)
+  compiled = cpu_reductions._compiled(  # pylint: disable=protected-access
+    cpu_reductions.pair_programs()[name], x, jnp.zeros((64,), jnp.float32)
+  )
+  stats_ = hlo_stats.analyze(compiled.as_text(), full_numel=x.size)
+  assert len(stats_["intermediates"]) == intermediates, stats_["intermediates"]

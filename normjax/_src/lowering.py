@@ -1,13 +1,15 @@
 """Backend-specific lowerings: one place that chooses between the portable XLA program and a CPU one.
 
 XLA:CPU (jaxlib ≥ 0.10) runs reductions through YNNPACK ("ynn fusions"). Measured on a 2-core AMD EPYC
-with jax 0.10.2 (`benchmarks/cpu_reductions.py` reproduces every figure):
+with jax 0.10.2 (`benchmarks/cpu_reductions.py` reproduces the reduction facts as minimal programs,
+`benchmarks/cpu_kernels.py` the kernel-count threshold):
 
   * a reduction fuses the elementwise ops that produce its operand, but only those that no other
     instruction uses: two reductions of the same `x - shift`, or of the same `x.astype(float32)`,
     make XLA write that intermediate to memory in float32 and read it back twice;
-  * a reduction whose operand subtracts (or multiplies by) a broadcast per-feature vector runs at about
-    0.6× the speed of one over `x` or `x * x` (21 vs 35 GB/s on a 26 MB float32 activation);
+  * a reduction whose operand subtracts a broadcast per-feature vector is slower than one over `x` or
+    `x * x` when `x` is in cache (22.8 against 27.9 GB/s on a 25.7 MB float32 activation) and no
+    slower when it is not (17.5 against 15.0 GB/s with caches flushed: both memory-bound);
   * `select` (`jnp.where`) is not fused when its condition has another user (e.g. a reduction);
   * the runtime runs a program's kernels ("thunks") one after the other when there are at most 8 of
     them, and as a concurrent dataflow graph on its thread pool when there are more (XLA's

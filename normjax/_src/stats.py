@@ -16,9 +16,10 @@ Methods:
   * ``"fast"``: ``E[x^2] - E[x]^2`` clipped at 0, flax's default, for parity; inaccurate when
     |mean| >> std.
 
-CPU lowering of ``"shifted"`` (`lowering.cpu_or_portable`): XLA:CPU's vectorized reductions run sums of
-``x`` and ``x**2`` well but cannot fuse the shift (see `normjax._src.lowering`), so on a CPU the first
-pass sums ``x`` and ``x**2`` directly, and a second, shifted pass (``K`` = that batch mean) runs only when
+CPU lowering of ``"shifted"`` (`lowering.cpu_or_portable`): XLA:CPU runs each sum as its own pass over
+``x`` (never inside the convolution that produced ``x``), and writes a shared ``x - K`` to memory (see
+`normjax._src.lowering`), so a shift buys nothing there: on a CPU the first pass sums ``x`` and
+``x**2`` directly, and a second, shifted pass (``K`` = that batch mean) runs only when
 some statistic could lose precision: when ``mean**2 > CPU_PLAIN_SUMS_LIMIT * var`` (|mean| > 3 std) or
 a sum is not finite. Measured with XLA:CPU's float32 sums, the relative variance error of the plain
 sums is 3e-7 × (1 + mean²/var) for 1e3 to 1.6e6 elements, so at most 3e-6 where they are kept.
