@@ -46,6 +46,11 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
   return p
 
 
+def parse_shapes(text: str) -> list:
+  """Shapes from the command line: "8x28x28x128,4x7x7x64" -> [(8, 28, 28, 128), (4, 7, 7, 64)]."""
+  return [tuple(int(d) for d in s.split("x")) for s in text.split(",")]
+
+
 def time_fn(fn, input_sets, repeats: int) -> float:
   """Median seconds of `fn(*inputs)` over `repeats` calls rotating through `input_sets`."""
   for inputs in input_sets:  # compile + warm up

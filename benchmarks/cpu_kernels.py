@@ -156,16 +156,14 @@ COLUMNS = [
 
 @tables.register("cpu_kernels")
 def _table():
-  payload = tables._load("cpu_kernels")  # pylint: disable=protected-access
-  head = tables._machine_line(payload)  # pylint: disable=protected-access
-  return f"{head} float32.\n\n" + tables.markdown(payload["rows"], COLUMNS)
+  return tables.measured_rows("cpu_kernels", COLUMNS, note="float32.")
 
 
 def main():
   p = _common.parser("cpu_kernels", __doc__.splitlines()[0])
   p.add_argument("--shapes", default="8x28x28x128,128x14x14x128", help="NHWC, comma separated")
   args = p.parse_args()
-  shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+  shapes = _common.parse_shapes(args.shapes)
   repeats = args.repeats or (20 if args.quick else 300)
   if args.quick:
     shapes = [(4, 7, 7, 64)]

@@ -34,17 +34,13 @@ from benchmarks import tables
 from normjax._src import lowering
 
 
-def _sum(v, axes):
-  return jnp.sum(v, axes)
-
-
 def single_programs():
   """name -> f(x, k): one reduction each."""
   return {
-    "Σx": lambda x, k, axes: _sum(x, axes),
-    "Σx²": lambda x, k, axes: _sum(x * x, axes),
-    "Σ(x − K)": lambda x, k, axes: _sum(x - k, axes),
-    "Σ(x − K)²": lambda x, k, axes: _sum(jnp.square(x - k), axes),
+    "Σx": lambda x, k, axes: jnp.sum(x, axes),
+    "Σx²": lambda x, k, axes: jnp.sum(x * x, axes),
+    "Σ(x − K)": lambda x, k, axes: jnp.sum(x - k, axes),
+    "Σ(x − K)²": lambda x, k, axes: jnp.sum(jnp.square(x - k), axes),
   }
 
 
@@ -52,7 +48,7 @@ def _pair(x, k, axes, *, shift, private):
   """Σ(x − K) and Σ(x − K)² (or Σx and Σx² without `shift`), in float32, with or without aliases."""
   copies = lowering.private_copies((x, k), 2) if private else ((x, k), (x, k))
   a, b = (v.astype(jnp.float32) - (kv if shift else 0.0) for v, kv in copies)
-  return _sum(a, axes), _sum(b * b, axes)
+  return jnp.sum(a, axes), jnp.sum(b * b, axes)
 
 
 def pair_programs():
@@ -65,14 +61,15 @@ def pair_programs():
   }
 
 
-def _compiled(fn, x, k):
+def compile_program(fn, x, k):
+  """`fn(x, k, axes)` compiled for this backend, the sums over every axis but the last."""
   axes = tuple(range(x.ndim - 1))
   return jax.jit(functools.partial(fn, axes=axes)).lower(x, k).compile()
 
 
 def run_group(part, fns, x, k, repeats, flush=True):
   """Rows of one group of programs, timed against each other (the first is the baseline)."""
-  compiled = {name: _compiled(fn, x, k) for name, fn in fns.items()}
+  compiled = {name: compile_program(fn, x, k) for name, fn in fns.items()}
   first = next(iter(compiled))
   timed = _common.time_paired(compiled, [(x, k)], repeats, baseline=first, flush=flush)
   rows = []
@@ -122,16 +119,14 @@ COLUMNS = [
 
 @tables.register("cpu_reductions")
 def _table():
-  payload = tables._load("cpu_reductions")  # pylint: disable=protected-access
-  head = tables._machine_line(payload)  # pylint: disable=protected-access
-  return f"{head}\n\n" + tables.markdown(payload["rows"], COLUMNS)
+  return tables.measured_rows("cpu_reductions", COLUMNS)
 
 
 def main():
   p = _common.parser("cpu_reductions", __doc__.splitlines()[0])
   p.add_argument("--shapes", default="64x28x28x128", help="NHWC, comma separated")
   args = p.parse_args()
-  shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+  shapes = _common.parse_shapes(args.shapes)
   repeats = args.repeats or (5 if args.quick else 100)
   if args.quick:
     shapes = [(4, 7, 7, 64)]

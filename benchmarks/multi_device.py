@@ -60,7 +60,7 @@ def main():
   p.add_argument("--shapes", default="28x28x128,14x14x256,7x7x512")
   p.add_argument("--dtypes", default="float32,bfloat16")
   args = p.parse_args()
-  shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+  shapes = _common.parse_shapes(args.shapes)
   batch, repeats, dtypes = args.batch, args.repeats or 10, args.dtypes.split(",")
   if args.quick:
     shapes, batch, repeats, dtypes = [(7, 7, 32)], 2, 2, ["float32"]

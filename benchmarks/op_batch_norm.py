@@ -256,9 +256,7 @@ def main():
   )
   args = p.parse_args()
   shapes = (
-    shapes_for(args.grid, args.batch)
-    if args.shapes is None
-    else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    shapes_for(args.grid, args.batch) if args.shapes is None else _common.parse_shapes(args.shapes)
   )
   repeats = args.repeats or 15
   dtypes, variants = args.dtypes.split(","), args.variants.split(",")

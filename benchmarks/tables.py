@@ -146,6 +146,13 @@ def _machine_line(payload) -> str:
   return "Measured on: " + ", ".join(p for p in parts if p) + "."
 
 
+def measured_rows(name: str, columns, note: str = "") -> str:
+  """The rows of `benchmarks/results/{name}.json` under a "Measured on" line (and `note`)."""
+  payload = _load(name)
+  head = " ".join(p for p in (_machine_line(payload), note) if p)
+  return f"{head}\n\n" + markdown(payload["rows"], columns)
+
+
 def render(name: str) -> str:
   """The Markdown of table `name` (see `TABLES`)."""
   return TABLES[name]()

@@ -240,8 +240,7 @@ def test_cpu_reductions_benchmark_shows_the_materialized_intermediates(dtype, na
   from benchmarks import cpu_reductions  # pylint: disable=g-import-not-at-top
 
   x = jnp.ones((8, 7, 7, 64), dtype)
-  compiled = cpu_reductions._compiled(  # pylint: disable=protected-access
-    cpu_reductions.pair_programs()[name], x, jnp.zeros((64,), jnp.float32)
-  )
+  program = cpu_reductions.pair_programs()[name]
+  compiled = cpu_reductions.compile_program(program, x, jnp.zeros((64,), jnp.float32))
   stats_ = hlo_stats.analyze(compiled.as_text(), full_numel=x.size)
   assert len(stats_["intermediates"]) == intermediates, stats_["intermediates"]
