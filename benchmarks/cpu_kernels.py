@@ -12,8 +12,9 @@ ways, per activation shape:
   * `extras`: the same forward with a scalar count output (a BatchNorm state's step count), and
     with its per-feature epilogue inside a `lax.cond` on a runtime predicate (the structure of
     normjax's precision check): what these two cost by themselves.
-  * `ablation`: normjax's training forward (y and the new state) against flax.linen's, and normjax
-    with the precision check of the CPU lowering (`lax.cond` for the shifted second pass; its
+  * `ablation`: normjax's training forward (y and the new state) against flax.linen's: with the CPU
+    kernel (`normjax/_src/cpu_kernel.py`, the default where it is built), and as the XLA program
+    (the kernel switched off), also with the precision check of the CPU lowering (`lax.cond` for the shifted second pass; its
     per-feature work then lands in the outer program) and/or the finiteness guard of the running
     statistics (`running.select_finite`) removed by patching them at trace time.
 
@@ -35,6 +36,7 @@ from benchmarks import _common
 from benchmarks import hlo_stats
 from benchmarks import op_batch_norm
 from benchmarks import tables
+from normjax._src import cpu_kernel
 from normjax._src import lowering
 from normjax._src import running
 
@@ -99,13 +101,15 @@ def ablation_programs(x):
   mode_fns, params, state = op_batch_norm.flax_fns("default", x, True)
   compile_fwd = lambda fn, p, s: jax.jit(fn).lower(p, s, x, x, None).compile()
   programs = {"flax.linen": (compile_fwd(mode_fns["fwd"], params, state), params, state)}
+  mode_fns, params, state = op_batch_norm.normjax_fns("default", x.shape[0], x)
+  programs["normjax: CPU kernel"] = (compile_fwd(mode_fns["fwd"], params, state), params, state)
   for name, no_check, no_guard in (
-    ("normjax", False, False),
-    ("normjax, no precision check", True, False),
-    ("normjax, no finiteness guard", False, True),
-    ("normjax, neither", True, True),
+    ("normjax: XLA program", False, False),
+    ("normjax: XLA, no precision check", True, False),
+    ("normjax: XLA, no finiteness guard", False, True),
+    ("normjax: XLA, neither", True, True),
   ):
-    with _ablated(no_check, no_guard):
+    with _ablated(no_check, no_guard), cpu_kernel.switched(False):
       mode_fns, params, state = op_batch_norm.normjax_fns("default", x.shape[0], x)
       programs[name] = (compile_fwd(mode_fns["fwd"], params, state), params, state)
   return programs

@@ -5,6 +5,8 @@ For each shape, dtype and variant it times, in one process on the same random in
   * normjax (`normjax.batch_norm` with the variant's options),
   * flax.linen.BatchNorm with its defaults (use_fast_variance=True, the baseline),
   * flax.linen.BatchNorm(use_fast_variance=False) (two-pass variance),
+  * normjax with its CPU kernel switched off (`normjax_xla`: the XLA program; on a CPU only the plain
+    training step differs, see `normjax/_src/cpu_kernel.py`),
   * optionally normjax differentiated by plain autodiff through the statistics (`normjax_autodiff`),
 
 in three modes: `fwd` (training forward: y and the new running statistics), `fwd+bwd` (also dx,
@@ -48,6 +50,7 @@ import normjax
 from benchmarks import _common
 from benchmarks import tables
 from normjax._src import batch_norm as batch_norm_lib
+from normjax._src import cpu_kernel
 
 RESNET50_SHAPES = [
   (56, 56, 64),
@@ -107,8 +110,9 @@ def _mode_fns(apply, evaluate):
   return {"fwd": fwd, "fwd+bwd": fwd_bwd, "eval": eval_}
 
 
-def normjax_fns(variant, batch, x, closed_form=True):
-  """Mode functions and (params, state) for normjax; the state has seen one training step."""
+def normjax_fns(variant, batch, x, closed_form=True, xla_program=False):
+  """Mode functions and (params, state) for normjax; the state has seen one training step.
+  `xla_program`: traced with the CPU kernel switched off (`cpu_kernel.switched(False)`)."""
   options = variant_options(variant, batch)
   bn = normjax.batch_norm(**options)
   params, state = bn.init(x)
@@ -119,7 +123,17 @@ def normjax_fns(variant, batch, x, closed_form=True):
   else:
     apply = functools.partial(autodiff_apply, options)
   evaluate = lambda p, state, x: bn.apply(p, state, x, training=False)[0]
+  if xla_program:
+    apply = _without_cpu_kernel(apply)
   return _mode_fns(apply, evaluate), params, state
+
+
+def _without_cpu_kernel(fn):
+  def traced(*args):
+    with cpu_kernel.switched(False):
+      return fn(*args)
+
+  return traced
 
 
 def flax_fns(variant, x, fast_variance):
@@ -169,6 +183,7 @@ def _builders(variant, batch):
   return {
     "normjax": lambda x: normjax_fns(variant, batch, x),
     "normjax_autodiff": lambda x: normjax_fns(variant, batch, x, closed_form=False),
+    "normjax_xla": lambda x: normjax_fns(variant, batch, x, xla_program=True),
     "flax": lambda x: flax_fns(variant, x, True),
     "flax_two_pass": lambda x: flax_fns(variant, x, False),
   }
@@ -247,9 +262,10 @@ def main():
   p.add_argument("--shapes", default=None, help="e.g. 8x56x56x64,256x7x7x256 (overrides --grid)")
   p.add_argument(
     "--impls",
-    default="normjax,flax_two_pass,flax",
-    help="normjax_autodiff: normjax differentiated by plain autodiff through the statistics "
-    "(closed_form=False, the previous code path); ratios are to flax",
+    default="normjax,normjax_xla,flax_two_pass,flax",
+    help="normjax_xla: normjax traced with the CPU kernel switched off (the XLA program a host "
+    "without a C++ compiler runs); normjax_autodiff: normjax differentiated by plain autodiff "
+    "through the statistics (closed_form=False, the previous code path); ratios are to flax",
   )
   p.add_argument(
     "--warm-caches", action="store_true", help="do not flush the caches before each timed call"

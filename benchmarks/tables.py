@@ -116,6 +116,8 @@ def op_summary(rows):
         "faster": _count_verdict(group, "faster"),
       }
     )
+    if all("normjax_xla_vs_flax" in r for r in group):  # the CPU kernel switched off
+      out[-1]["xla_geo"] = _geo([r["normjax_xla_vs_flax"] for r in group])
   return out
 
 
@@ -160,7 +162,11 @@ def render(name: str) -> str:
 
 def _op_summary_table():
   payload = _load("op_batch_norm")
-  return _machine_line(payload) + "\n\n" + markdown(op_summary(payload["rows"]), SUMMARY_COLUMNS)
+  summary = op_summary(payload["rows"])
+  columns = SUMMARY_COLUMNS
+  if all("xla_geo" in r for r in summary):
+    columns = columns + [("xla_geo", "XLA program / flax (geo mean)", "{:.3f}")]
+  return _machine_line(payload) + "\n\n" + markdown(summary, columns)
 
 
 def _op_rows_table():

@@ -13,3 +13,20 @@ def normal_data(shape, mean=0.0, std=1.0, seed=0, dtype=np.float32) -> np.ndarra
   The draw is made in float64 and cast once, so the same seed gives the same numbers in every dtype.
   """
   return (mean + std * np.random.default_rng(seed).standard_normal(shape)).astype(dtype)
+
+
+PROGRAMS = ("cpu_kernel", "cpu_xla", "portable")
+
+
+def use_program(monkeypatch, program: str) -> None:
+  """Makes BatchNorm's training step trace as one of its CPU-compilable programs: "cpu_kernel" (the
+  default on a CPU: the custom call `normjax._src.cpu_kernel` where it handles the step), "cpu_xla"
+  (the kernel off: the CPU lowering of `lowering.py`) or "portable" (the GPU / TPU program)."""
+  from normjax._src import lowering  # pylint: disable=import-outside-toplevel
+
+  if program not in PROGRAMS:
+    raise ValueError(f"program={program!r} must be one of {PROGRAMS}")
+  if program != "cpu_kernel":
+    monkeypatch.setenv("NORMJAX_CPU_KERNEL", "0")
+  if program == "portable":
+    monkeypatch.setattr(lowering, "cpu_or_portable", lambda *a, cpu, portable: portable(*a))

@@ -17,7 +17,6 @@ import pytest
 import normjax
 from normjax._src import batch_norm as bn_lib
 from normjax._src import fused_batch_norm
-from normjax._src import lowering
 from tests import helpers
 
 EPS = 1e-5
@@ -142,11 +141,11 @@ def _numpy_reference(options, params, state, x, dy, mask):
   return y, dx, dscale, dbias
 
 
-@pytest.fixture(params=["cpu", "portable"])
+@pytest.fixture(params=helpers.PROGRAMS)
 def program(request, monkeypatch):
-  """Each test runs twice: the CPU lowering, and the portable (GPU / TPU) program forced on this CPU."""
-  if request.param == "portable":
-    monkeypatch.setattr(lowering, "cpu_or_portable", lambda *a, cpu, portable: portable(*a))
+  """Each test runs three times: with the CPU kernel (where it handles the step), the CPU lowering of
+  the XLA program, and the portable (GPU / TPU) program forced on this CPU."""
+  helpers.use_program(monkeypatch, request.param)
   return request.param
 
 

@@ -18,7 +18,6 @@ from jax.sharding import PartitionSpec as P
 from benchmarks import hlo_stats
 import normjax
 from normjax._src import compat
-from normjax._src import lowering
 from normjax._src import stats
 from tests import helpers
 
@@ -30,8 +29,15 @@ PLAIN_SUMS_TOL = 3e-5 if compat.OLD_CPU_REDUCTIONS else 3e-6
 
 @pytest.fixture
 def portable(monkeypatch):
-  """Every `cpu_or_portable` choice takes the portable (GPU / TPU) program."""
-  monkeypatch.setattr(lowering, "cpu_or_portable", lambda *args, cpu, portable: portable(*args))
+  """Every `cpu_or_portable` choice takes the portable (GPU / TPU) program (and no CPU kernel)."""
+  helpers.use_program(monkeypatch, "portable")
+
+
+@pytest.fixture(autouse=True)
+def xla_program(monkeypatch):
+  """These tests read the XLA programs' structure: BatchNorm's CPU kernel (`cpu_kernel`, tested in
+  `test_cpu_kernel.py`) is off."""
+  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "0")
 
 
 def _var_err(var, x):
@@ -97,7 +103,7 @@ def test_a_nan_under_the_mask_does_not_reach_the_cpu_statistics():
 @pytest.mark.parametrize("use_portable", [False, True])
 def test_explicit_shift_and_its_shape_check(use_portable, monkeypatch):
   if use_portable:
-    monkeypatch.setattr(lowering, "cpu_or_portable", lambda *a, cpu, portable: portable(*a))
+    helpers.use_program(monkeypatch, "portable")
   x = jnp.asarray(helpers.normal_data((64, 4, 4, 8), mean=1e4))
   _, var = normjax.moments(x, AXES, shift=jnp.full((8,), 1e4))
   assert _var_err(var, x) <= 1e-5

@@ -158,7 +158,7 @@ def _train_step(bn, params, state, x, dy):
 def test_tpu_branch_equals_the_portable_branch(options):
   bn = normjax.batch_norm(epsilon=EPS, **options)
   x, _, _ = _inputs((8, 5, 16, 32), "float32")
-  assert bn_lib._kernel_handles(bn_lib.BatchNormConfig(), x, None, (3,), x.dtype)  # pylint: disable=protected-access
+  assert "tpu" in bn_lib._kernels(bn_lib.BatchNormConfig(), x, None, (3,), x.dtype)  # pylint: disable=protected-access
   params, state = bn.init(x)
   state = state._replace(mean=state.mean + 2.0, count=jnp.asarray(3, jnp.int32))
   dy = jnp.asarray(helpers.normal_data(x.shape, seed=4))
@@ -194,16 +194,19 @@ def test_which_training_steps_a_tpu_runs_as_the_kernel(options, masked, handled)
   x = jnp.ones((8, 4, 16, 16))
   mask = jnp.ones((8, 4, 16, 1), bool) if masked else None
   axes = bn_lib.feature_axes(config, x.ndim)
-  assert bn_lib._kernel_handles(config, x, mask, axes, x.dtype) is handled  # pylint: disable=protected-access
+  assert ("tpu" in bn_lib._kernels(config, x, mask, axes, x.dtype)) is handled  # pylint: disable=protected-access
 
 
-def test_cpu_program_has_no_kernel():
+def test_cpu_program_has_no_tpu_kernel(monkeypatch):
   bn = normjax.batch_norm()
   x = jnp.ones((8, 4, 16, 16))
   params, state = bn.init(x)
   step = lambda p, x: jax.grad(lambda p: jnp.sum(bn.apply(p, state, x, training=True)[0]))(p)  # noqa: E731
   hlo = jax.jit(step).lower(params, x).compile().as_text()
-  assert "tpu_custom_call" not in hlo and "custom-call" not in hlo
+  assert "tpu_custom_call" not in hlo
+  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "0")  # without the CPU's own kernel: no custom call
+  hlo = jax.jit(lambda p, x: step(p, x)).lower(params, x).compile().as_text()  # a new trace
+  assert "custom-call" not in hlo
 
 
 @hypothesis.given(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._src import collectives
+from normjax._src import cpu_kernel
 from normjax._src import fused_batch_norm
 from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
@@ -344,11 +345,15 @@ def apply_with_batch_moments(
     config, params, state, mask_g, scale, bias, per_feature, reduce_axes, bshape, dtype, x.shape
   )
   xla = _no_statistics_tangents(functools.partial(_xla_training, step, closed_form))
-  if closed_form and _kernel_handles(config, x, mask, axes, dtype):  # TPU: the Pallas kernel
+  kernels = _kernels(config, x, mask, axes, dtype) if closed_form else ()
+  if kernels:  # a TPU's Pallas kernel, a CPU's custom call; every other platform: the XLA program
     # both branches take (and keep for reverse mode) the same operand, so a vjp keeps one x; the
     # statistics leave the branches without tangents (or a vjp would keep residuals for them)
-    kernel = _no_statistics_tangents(functools.partial(_kernel_training, step))
-    y, new_state, targets, moments = jax.lax.platform_dependent(xg, tpu=kernel, default=xla)
+    branches = {
+      platform: _no_statistics_tangents(functools.partial(_kernel_training, step, platform))
+      for platform in kernels
+    }
+    y, new_state, targets, moments = jax.lax.platform_dependent(xg, **branches, default=xla)
   else:
     y, new_state, targets, moments = xla(xg)
   if config.check_finite:
@@ -419,23 +424,36 @@ def _no_statistics_tangents(training):
   return run
 
 
-def _kernel_handles(config, x, mask, axes, dtype) -> bool:
-  """Whether a TPU runs this training step as the Pallas kernel (`pallas_batch_norm`): features last,
-  one statistics group on one device (no ghost batches, axis_name or mask), no renorm, accurate
-  statistics (not "fast") and a block that fits the VMEM budget."""
-  plain = config.ghost_batch_size is None and config.axis_name is None and mask is None
-  plain = plain and not config.renorm and config.stats_method != "fast"
-  return plain and axes == (x.ndim - 1,) and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
+def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
+  """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics on
+  one device (no axis_name) without a mask, no renorm and accurate statistics (not "fast"). On a TPU
+  the Pallas kernel (`pallas_batch_norm`) for one group whose blocks fit the VMEM budget; on a CPU
+  the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches."""
+  plain = config.axis_name is None and mask is None and not config.renorm
+  if not (plain and config.stats_method != "fast" and axes == (x.ndim - 1,)):
+    return ()
+  one_group = config.ghost_batch_size is None
+  tpu = one_group and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
+  cpu = one_group or config.ghost_grouping == "consecutive"  # groups: contiguous slices of x
+  cpu = cpu and cpu_kernel.handles((1,) + x.shape, x.dtype, dtype, grouped=True)
+  return ("tpu",) * tpu + ("cpu",) * cpu
 
 
-def _kernel_training(step: _TrainingStep, xg):
-  """`_xla_training`'s results from the Pallas kernel: exact two-pass statistics and y in one read
-  (`xg` is the one-group view `(1, *shape)`, which the kernel reduces over all axes but the last)."""
+def _kernel_training(step: _TrainingStep, platform: str, xg):
+  """`_xla_training`'s results from `platform`'s kernel (the TPU's Pallas kernel: exact two-pass
+  statistics and y in one read; the CPU's custom call: two reads). `xg` is the grouped view
+  `(groups, g, ...)` (one group for the TPU), each group reduced over all axes but the last."""
   config = step.config
   scale = step.params["scale"] if config.use_scale else None
   bias = step.params["bias"] if config.use_bias else None
   y, mean, var = fused_batch_norm.statistics_and_normalize(
-    xg, scale, bias, epsilon=config.epsilon, dtype=step.dtype
+    xg,
+    scale,
+    bias,
+    epsilon=config.epsilon,
+    dtype=step.dtype,
+    kernel="pallas" if platform == "tpu" else "cpu",
+    grouped=platform == "cpu",
   )
   count = stats.valid_count(xg.shape, step.reduce_axes, None)  # keepdims, a NumPy constant
   moments = (mean.reshape(count.shape), var.reshape(count.shape), count)

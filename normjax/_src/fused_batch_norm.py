@@ -39,6 +39,7 @@ from normjax._src import collectives
 from normjax._src import compat
 from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
+from normjax._src import cpu_kernel
 from normjax._src import pallas_batch_norm
 from normjax._src import stats
 
@@ -296,25 +297,40 @@ class _KernelConfig(NamedTuple):
   dtype: object
   interpret: bool
   budget: object
+  kernel: str  # "pallas" (TPU) or "cpu" (`cpu_kernel`)
+  grouped: bool  # axis 0 indexes groups, each with its own statistics (the CPU kernel only)
 
 
 def statistics_and_normalize(
-  x, scale, bias, *, epsilon: float, dtype=None, interpret: bool = False, budget=None
+  x,
+  scale,
+  bias,
+  *,
+  epsilon: float,
+  dtype=None,
+  interpret: bool = False,
+  budget=None,
+  kernel: str = "pallas",
+  grouped: bool = False,
 ):
-  """`(y, mean, var)` of a training step from the Pallas TPU kernel, with the closed-form derivative.
+  """`(y, mean, var)` of a training step from a kernel, with the closed-form derivative.
 
-  The kernel (`pallas_batch_norm.statistics_and_normalize`) reads `x` once for the statistics and the
-  normalization. Its derivative is the rule of `normalize_training` (one group, no mask, no renorm),
+  `kernel="pallas"`: the Pallas TPU kernel (`pallas_batch_norm.statistics_and_normalize`) reads `x`
+  once for the statistics and the normalization; `kernel="cpu"`: the XLA:CPU custom call
+  (`cpu_kernel.statistics_and_normalize`) reads it twice. Its derivative is the rule of `normalize_training` (one group, no mask, no renorm),
   evaluated by XLA: forward mode and higher orders work, and reverse mode runs the portable
   closed-form backward. The statistics' tangents are `Σ dx / n` and `2 Σ (x − μ)·dx / n`.
 
   Args:
     x: features last, with `pallas_batch_norm.fits(x.shape, x.dtype, dtype, budget)`.
     scale, bias: `(C,)` arrays or None.
-    epsilon, dtype, interpret, budget: as `pallas_batch_norm.statistics_and_normalize`.
+    epsilon, dtype, interpret, budget: as `pallas_batch_norm.statistics_and_normalize` (the CPU
+      kernel takes only `epsilon` and `dtype`).
+    kernel: "pallas" or "cpu".
+    grouped: axis 0 indexes groups (ghost batches), each with its own statistics (`kernel="cpu"`).
 
   Returns:
-    `y` in `dtype`, float32 `(C,)` mean and biased variance.
+    `y` in `dtype`, float32 `(C,)` mean and biased variance (`(G, C)` when `grouped`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -325,7 +341,11 @@ def statistics_and_normalize(
     True
   """
   dtype = jnp.dtype(dtype if dtype is not None else x.dtype)
-  config = _KernelConfig(float(epsilon), dtype, bool(interpret), budget)
+  if kernel not in ("pallas", "cpu"):
+    raise ValueError(f"kernel={kernel!r} must be 'pallas' or 'cpu'")
+  if grouped and kernel != "cpu":
+    raise ValueError(f"grouped=True needs kernel='cpu', not {kernel!r}")
+  config = _KernelConfig(float(epsilon), dtype, bool(interpret), budget, kernel, bool(grouped))
   return _kernel_with_rule(config, x, scale, bias)
 
 
@@ -333,6 +353,10 @@ def _run_kernel(config, x, scale, bias):
   features = x.shape[-1]
   scale = jnp.ones((features,), jnp.float32) if scale is None else scale
   bias = jnp.zeros((features,), jnp.float32) if bias is None else bias
+  if config.kernel == "cpu":
+    return cpu_kernel.statistics_and_normalize(
+      x, scale, bias, epsilon=config.epsilon, dtype=config.dtype, grouped=config.grouped
+    )
   return pallas_batch_norm.statistics_and_normalize(
     x,
     scale,
@@ -350,18 +374,21 @@ _kernel_with_rule = jax.custom_jvp(_run_kernel, nondiff_argnums=(0,))
 def _kernel_jvp(config, primals, tangents):
   x, scale, bias = primals
   dx, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-  y, mean, var = _run_kernel(config, x, scale, bias)
-  axes = tuple(range(x.ndim - 1))
-  count = stats.valid_count(x.shape, axes, None)  # keepdims, a NumPy constant
+  y, mean, var = _kernel_with_rule(config, x, scale, bias)  # itself: higher orders work
+  axes = tuple(range(1 if config.grouped else 0, x.ndim - 1))
+  count = stats.valid_count(x.shape, axes, None)  # keepdims (per group), a NumPy constant
   keep = count.shape
   zeros = jnp.zeros_like(mean)
   if dx is None and dscale is None and dbias is None:
     return (y, mean, var), (jnp.zeros_like(y), zeros, zeros)
   rule = _Config(axes, None, None, config.epsilon, config.dtype)
   m, v = mean.reshape(keep), var.reshape(keep)
-  reshaped = lambda a: None if a is None else a.reshape(keep)  # noqa: E731
+  per_feature = (1,) * (x.ndim - 1) + x.shape[-1:]
+  reshaped = lambda a: None if a is None else a.reshape(per_feature)  # noqa: E731
   tangents = jax.checkpoint(functools.partial(_kernel_tangents, rule, count), prevent_cse=False)
   dy, dmean, dvar = tangents(x, m, v, reshaped(scale), dx, reshaped(dscale), reshaped(dbias))
+  if dmean is not None:
+    dmean, dvar = dmean.reshape(mean.shape), dvar.reshape(var.shape)
   return (y, mean, var), (dy, zeros if dmean is None else dmean, zeros if dvar is None else dvar)
 
 

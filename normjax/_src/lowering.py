@@ -20,6 +20,11 @@ with jax 0.10.2 (`benchmarks/cpu_reductions.py` reproduces the reduction facts a
     per-feature work moved into the precision check's branches (`stats.moments_and_count`'s
     `epilogue`), where a conditional's branch runs as a nested program with its own count.
 
+A BatchNorm training step without mask, `axis_name` or renorm (consecutive ghost batches included;
+features last) does not use this XLA program on a CPU where normjax's C++ kernel is built (`cpu_kernel.py`): one custom call
+reads `x` twice (shifted sums, then `y`) and decides the second pass inside. What follows is the XLA
+program of every other step, and of every step where the kernel is off.
+
 GPU and TPU compilers have none of these limits, so their programs stay the portable ones: every
 CPU-specific choice goes through `cpu_or_portable`, which stages both and lets XLA keep the branch of
 the platform it compiles for (`jax.lax.platform_dependent`: the choice is made when lowering, so an

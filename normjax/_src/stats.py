@@ -24,6 +24,10 @@ some statistic could lose precision: when ``mean**2 > CPU_PLAIN_SUMS_LIMIT * var
 a sum is not finite. Measured with XLA:CPU's float32 sums, the relative variance error of the plain
 sums is 3e-7 × (1 + mean²/var) for 1e3 to 1.6e6 elements, so at most 3e-6 where they are kept.
 
+BatchNorm's training step without mask, `axis_name` or renorm does not call `moments` on a CPU: its C++ kernel (`cpu_kernel.py`)
+computes the same shifted statistics (``K`` the mean of the first 16 rows, a second pass inside the
+kernel where a feature's mean lies more than 3 std from ``K``) and ``y`` in two reads of ``x``.
+
 Cross-device statistics (``axis_name``): with a shift common to every device (a replicated running mean,
 or the CPU's first pass), the per-device count and the two shifted sums are summed in one round of
 `psum`s and the result is exact for any split of the data. Without one (the probe is each device's own),

@@ -1,0 +1,223 @@
+// BatchNorm's training statistics and normalization for XLA:CPU, as one XLA FFI custom call.
+//
+// x is (groups, rows, C), features last and contiguous (row-major); each group (a ghost batch, or the
+// whole batch) is normalized by its own statistics. Per group: pass 1 sums x - K and (x - K)^2 per feature
+// with K the mean of the first rows (at most 16) of x, in float32 blocks of 16 and 512 rows added into double
+// accumulators; when any feature's mean lies more than 3 standard deviations from its K (where the
+// shifted sums could lose digits) a second pass computes the mean squared deviation from the mean,
+// exactly as a two-pass algorithm. Pass 2 writes y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias,
+// rounded once to y's dtype. The rows are split over XLA's intra-op thread pool.
+//
+// Built on first use by normjax/_src/cpu_kernel.py (g++ -O3, the XLA FFI headers shipped with jaxlib).
+// Reference: Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kSubRows = 16;     // float32 sums of this many rows,
+constexpr int64_t kBlockRows = 512;  // added in float32 over this many, then into doubles
+constexpr int64_t kProbeRows = 16;      // K: the mean of at most this many leading rows
+constexpr int64_t kMinShard = 1 << 15;  // elements per thread below which one thread runs it all
+constexpr double kShiftLimit = 9.0;     // second pass when (mean - K)^2 > 9 var for a feature
+
+inline float Load(const float* p, int64_t i) { return p[i]; }
+
+inline float Load(const uint16_t* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline void Store(float* p, int64_t i, float value) { p[i] = value; }
+
+inline void Store(uint16_t* p, int64_t i, float value) {  // round to nearest even; NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  uint32_t quiet = (bits >> 16) | 0x40u;
+  p[i] = static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+// Runs shard(t) for t in [0, shards) on the calling thread and on XLA's intra-op pool; returns when
+// all are done. Shards are claimed from a counter, so the caller never waits for a task that has not
+// started: inside a concurrent XLA:CPU program this kernel itself runs on a pool thread, and a task
+// queued behind other waiting kernels may start late (it then finds nothing left and returns).
+template <typename F>
+void ForEachShard(ffi::ThreadPool& pool, int64_t shards, const F& shard) {
+  struct Progress {
+    std::atomic<int64_t> next{0}, finished{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  auto run = [progress, shards, &shard] {  // `shard` is only used while the caller waits
+    for (int64_t t; (t = progress->next.fetch_add(1)) < shards;) {
+      shard(t);
+      progress->finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < shards; ++t) pool.Schedule([run] { run(); });
+  run();
+  while (progress->finished.load(std::memory_order_acquire) < shards) std::this_thread::yield();
+}
+
+// Per-feature sums over rows [begin, end) of x - K and (x - K)^2 added into acc1, acc2 (C entries):
+// float32 sums of 16 rows, added in float32 over 512 rows, then into the double accumulators (a
+// blocked summation: its rounding error grows with 16 + 32 terms, not with the row count).
+template <typename T>
+void ShiftedSums(const T* x, int64_t begin, int64_t end, int64_t c, const float* k, double* acc1,
+                 double* acc2) {
+  std::vector<float> b1(c), b2(c), m1(c), m2(c);
+  for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
+    std::fill(m1.begin(), m1.end(), 0.0f);
+    std::fill(m2.begin(), m2.end(), 0.0f);
+    const int64_t r1 = std::min(end, r0 + kBlockRows);
+    for (int64_t s0 = r0; s0 < r1; s0 += kSubRows) {
+      std::fill(b1.begin(), b1.end(), 0.0f);
+      std::fill(b2.begin(), b2.end(), 0.0f);
+      const int64_t s1 = std::min(r1, s0 + kSubRows);
+      for (int64_t r = s0; r < s1; ++r) {
+        const int64_t row = r * c;
+        for (int64_t j = 0; j < c; ++j) {
+          const float d = Load(x, row + j) - k[j];
+          b1[j] += d;
+          b2[j] += d * d;
+        }
+      }
+      for (int64_t j = 0; j < c; ++j) {
+        m1[j] += b1[j];
+        m2[j] += b2[j];
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      acc1[j] += m1[j];
+      acc2[j] += m2[j];
+    }
+  }
+}
+
+template <typename TX, typename TY>
+void Forward(ffi::ThreadPool& pool, const TX* x, const float* scale, const float* bias,
+             float epsilon, int64_t rows, int64_t c, TY* y, float* mean, float* var) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t shards =
+      std::max<int64_t>(1, std::min<int64_t>(threads, rows * c / kMinShard));
+  const int64_t per_shard = (rows + shards - 1) / shards;
+  auto bounds = [&](int64_t t) {
+    return std::make_pair(std::min(rows, t * per_shard), std::min(rows, (t + 1) * per_shard));
+  };
+  std::vector<float> k(c, 0.0f);
+  {
+    const int64_t probe = std::min(rows, kProbeRows);
+    std::vector<double> s(c, 0.0);
+    for (int64_t r = 0; r < probe; ++r)
+      for (int64_t j = 0; j < c; ++j) s[j] += Load(x, r * c + j);
+    for (int64_t j = 0; j < c; ++j) k[j] = probe ? static_cast<float>(s[j] / probe) : 0.0f;
+  }
+  std::vector<double> acc(2 * c * shards), m(c), v(c);
+  const double n = static_cast<double>(std::max<int64_t>(rows, 1));
+  auto moments = [&]() {  // m, v from the sums of x - k; whether every feature kept its digits
+    std::fill(acc.begin(), acc.end(), 0.0);
+    ForEachShard(pool, shards, [&](int64_t t) {
+      auto [b, e] = bounds(t);
+      ShiftedSums(x, b, e, c, k.data(), &acc[2 * c * t], &acc[2 * c * t + c]);
+    });
+    for (int64_t t = 1; t < shards; ++t)
+      for (int64_t j = 0; j < 2 * c; ++j) acc[j] += acc[2 * c * t + j];
+    bool precise = true;
+    for (int64_t j = 0; j < c; ++j) {
+      const double offset = acc[j] / n;
+      m[j] = k[j] + offset;
+      v[j] = std::max(acc[c + j] / n - offset * offset, 0.0);
+      precise = precise && offset * offset <= kShiftLimit * v[j];  // false for NaN too
+    }
+    return precise;
+  };
+  if (!moments()) {  // a second pass, shifted by the mean just computed: the two-pass result
+    for (int64_t j = 0; j < c; ++j) k[j] = static_cast<float>(m[j]);
+    moments();
+  }
+  std::vector<float> mu(c), a(c), b(c);
+  for (int64_t j = 0; j < c; ++j) {
+    mean[j] = static_cast<float>(m[j]);
+    var[j] = static_cast<float>(v[j]);
+    mu[j] = mean[j];
+    a[j] = scale[j] / std::sqrt(var[j] + epsilon);
+    b[j] = bias[j];
+  }
+  ForEachShard(pool, shards, [&](int64_t t) {
+    auto [begin, end] = bounds(t);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t row = r * c;
+      for (int64_t j = 0; j < c; ++j) Store(y, row + j, (Load(x, row + j) - mu[j]) * a[j] + b[j]);
+    }
+  });
+}
+
+ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> bias, float epsilon, int64_t groups,
+                    ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::F32> mean,
+                    ffi::ResultBuffer<ffi::F32> var) {
+  auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("x must be at least 1-D");
+  const int64_t c = dims.back();
+  const int64_t size = static_cast<int64_t>(x.element_count());
+  if (c <= 0 || groups <= 0 || size % (c * groups) != 0)
+    return ffi::Error::InvalidArgument("x's size must be a multiple of groups * features");
+  const int64_t rows = size / (c * groups);  // per group
+  if (scale.element_count() != static_cast<size_t>(c) ||
+      bias.element_count() != static_cast<size_t>(c) || y->element_count() != x.element_count() ||
+      mean->element_count() != static_cast<size_t>(groups * c) ||
+      var->element_count() != static_cast<size_t>(groups * c))
+    return ffi::Error::InvalidArgument("scale, bias, y, mean or var do not match x's shape");
+  const auto tx = x.element_type(), ty = y->element_type();
+  if ((tx != ffi::DataType::F32 && tx != ffi::DataType::BF16) ||
+      (ty != ffi::DataType::F32 && ty != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("x and y must be float32 or bfloat16");
+  const int64_t in_size = tx == ffi::DataType::F32 ? 4 : 2, out_size = ty == ffi::DataType::F32 ? 4 : 2;
+  for (int64_t g = 0; g < groups; ++g) {  // each group: its own statistics and normalization
+    const char* in = static_cast<const char*>(x.untyped_data()) + g * rows * c * in_size;
+    char* out = static_cast<char*>(y->untyped_data()) + g * rows * c * out_size;
+    const float *s = scale.typed_data(), *b = bias.typed_data();
+    float *m = mean->typed_data() + g * c, *v = var->typed_data() + g * c;
+    using BF = uint16_t;
+    if (tx == ffi::DataType::F32 && ty == ffi::DataType::F32)
+      Forward(pool, reinterpret_cast<const float*>(in), s, b, epsilon, rows, c,
+              reinterpret_cast<float*>(out), m, v);
+    else if (tx == ffi::DataType::BF16 && ty == ffi::DataType::BF16)
+      Forward(pool, reinterpret_cast<const BF*>(in), s, b, epsilon, rows, c,
+              reinterpret_cast<BF*>(out), m, v);
+    else if (tx == ffi::DataType::BF16)
+      Forward(pool, reinterpret_cast<const BF*>(in), s, b, epsilon, rows, c,
+              reinterpret_cast<float*>(out), m, v);
+    else
+      Forward(pool, reinterpret_cast<const float*>(in), s, b, epsilon, rows, c,
+              reinterpret_cast<BF*>(out), m, v);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxBatchNormForward, Dispatch,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("groups")
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
