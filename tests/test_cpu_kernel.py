@@ -190,23 +190,27 @@ def test_training_step_equals_the_xla_program(dtype, options, monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "options, masked",
+  "options, masked, moments",
   [
-    ({"ghost_batch_size": 4, "ghost_grouping": "strided"}, False),
-    ({"renorm": True}, False),
-    ({"stats_method": "fast"}, False),
-    ({"axis": 1}, False),
-    ({}, True),
+    ({"ghost_batch_size": 4, "ghost_grouping": "strided"}, False, False),
+    ({"stats_method": "fast"}, False, False),
+    ({"axis": 1}, False, False),
+    ({"renorm": True}, False, True),
+    ({}, True, True),
   ],
   ids=str,
 )
-def test_other_variants_keep_the_xla_program(options, masked):
+def test_other_variants_do_not_run_the_fused_kernel(options, masked, moments):
+  """Strided ghost batches, "fast" statistics and features not last keep the XLA program; renorm
+  and masks take their statistics from `cpu_kernel.moments` (tests/test_cpu_moments.py)."""
   bn = normjax.batch_norm(**options)
   x = jnp.ones((8, 4, 4, 16))
   mask = jnp.ones((8,), bool) if masked else None
   params, state = bn.init(x)
   apply = lambda p, s, x: bn.apply(p, s, x, training=True, mask=mask)  # noqa: E731
-  assert cpu_kernel.TARGET not in jax.jit(apply).lower(params, state, x).as_text()
+  program = jax.jit(apply).lower(params, state, x).as_text()
+  assert cpu_kernel.TARGET not in program
+  assert (cpu_kernel.MOMENTS_TARGET in program) == moments
 
 
 def test_derivatives_forward_and_reverse():

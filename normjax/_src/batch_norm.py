@@ -9,6 +9,7 @@ is one reduction and one elementwise pass and keeps only `x`. The values are tho
 `moments`.
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -384,17 +385,12 @@ def _xla_training(step: _TrainingStep, closed_form: bool, xg):
   `step.shape` (the ungrouped input's)."""
   config = step.config
   shift = stats_shift(config, step.state, xg, (1,) + step.bshape)
-  (mean, var, count, rstd), (r, d), new_state, targets, moments = stats.moments_and_count(
-    xg,
-    step.reduce_axes,
-    mask=step.mask_g,
-    axis_name=config.axis_name,
-    axis_index_groups=config.axis_index_groups,
-    method=config.stats_method,
-    shift=shift,
-    grouped=True,
-    epilogue=step.per_feature,
-  )
+  strided = config.ghost_batch_size is not None and config.ghost_grouping == "strided"
+  # strided ghost groups are not contiguous in x: the CPU kernel (`cpu_kernel.moments`) would need a
+  # transposed copy of x, where XLA's reductions read the strided view in place
+  kernel = cpu_kernel.switched(False) if strided else contextlib.nullcontext()
+  with kernel:
+    (mean, var, count, rstd), (r, d), new_state, targets, moments = _statistics(step, xg, shift)
   y = fused_batch_norm.normalize_training(  # closed-form derivatives (forward and reverse mode)
     xg,
     step.mask_g,
@@ -414,6 +410,22 @@ def _xla_training(step: _TrainingStep, closed_form: bool, xg):
   return _ungrouped(config, y, step.shape), new_state, targets, moments
 
 
+def _statistics(step: _TrainingStep, xg, shift):
+  """`stats.moments_and_count` of the grouped input with the layer's epilogue (`step.per_feature`)."""
+  config = step.config
+  return stats.moments_and_count(
+    xg,
+    step.reduce_axes,
+    mask=step.mask_g,
+    axis_name=config.axis_name,
+    axis_index_groups=config.axis_index_groups,
+    method=config.stats_method,
+    shift=shift,
+    grouped=True,
+    epilogue=step.per_feature,
+  )
+
+
 def _no_statistics_tangents(training):
   """`training` with its per-feature results (`targets`, `moments`) held constant for differentiation."""
 
@@ -428,7 +440,9 @@ def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
   """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics on
   one device (no axis_name) without a mask, no renorm and accurate statistics (not "fast"). On a TPU
   the Pallas kernel (`pallas_batch_norm`) for one group whose blocks fit the VMEM budget; on a CPU
-  the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches."""
+  the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches. (The other
+  features-last steps on a CPU take their statistics from `cpu_kernel.moments` inside
+  `stats.moments_and_count`, and XLA normalizes.)"""
   plain = config.axis_name is None and mask is None and not config.renorm
   if not (plain and config.stats_method != "fast" and axes == (x.ndim - 1,)):
     return ()

@@ -1,12 +1,16 @@
-// BatchNorm's training statistics and normalization for XLA:CPU, as one XLA FFI custom call.
+// BatchNorm's training statistics and normalization for XLA:CPU, as XLA FFI custom calls.
 //
 // x is (groups, rows, C), features last and contiguous (row-major); each group (a ghost batch, or the
-// whole batch) is normalized by its own statistics. Per group: pass 1 sums x - K and (x - K)^2 per feature
-// with K the mean of the first rows (at most 16) of x, in float32 blocks of 16 and 512 rows added into double
-// accumulators; when any feature's mean lies more than 3 standard deviations from its K (where the
-// shifted sums could lose digits) a second pass computes the mean squared deviation from the mean,
-// exactly as a two-pass algorithm. Pass 2 writes y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias,
-// rounded once to y's dtype. The rows are split over XLA's intra-op thread pool.
+// whole batch) has its own statistics. Per group: pass 1 sums x - K and (x - K)^2 per feature with K
+// the mean of the first valid rows (at most 16) of x, in float32 blocks of 16 and 512 rows added into
+// double accumulators; when any feature's mean lies more than 3 standard deviations from its K (where
+// the shifted sums could lose digits) a second pass computes the mean squared deviation from the mean,
+// exactly as a two-pass algorithm. The rows are split over XLA's intra-op thread pool.
+//
+// NormjaxBatchNormForward: the statistics, then y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias
+// rounded once to y's dtype (a second read of x).
+// NormjaxBatchNormMoments: the statistics only, over the rows flagged valid (BatchNorm's masks; a
+// masked row is never read), for steps whose normalization XLA computes (renorm, masks, axis_name).
 //
 // Built on first use by normjax/_src/cpu_kernel.py (g++ -O3, the XLA FFI headers shipped with jaxlib).
 // Reference: Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983.
@@ -72,12 +76,13 @@ void ForEachShard(ffi::ThreadPool& pool, int64_t shards, const F& shard) {
   while (progress->finished.load(std::memory_order_acquire) < shards) std::this_thread::yield();
 }
 
-// Per-feature sums over rows [begin, end) of x - K and (x - K)^2 added into acc1, acc2 (C entries):
+// Per-feature sums over the valid rows (all when `valid` is null) of [begin, end) of x - K and
+// (x - K)^2 added into acc1, acc2 (C entries):
 // float32 sums of 16 rows, added in float32 over 512 rows, then into the double accumulators (a
 // blocked summation: its rounding error grows with 16 + 32 terms, not with the row count).
 template <typename T>
-void ShiftedSums(const T* x, int64_t begin, int64_t end, int64_t c, const float* k, double* acc1,
-                 double* acc2) {
+void ShiftedSums(const T* x, const uint8_t* valid, int64_t begin, int64_t end, int64_t c,
+                 const float* k, double* acc1, double* acc2) {
   std::vector<float> b1(c), b2(c), m1(c), m2(c);
   for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
     std::fill(m1.begin(), m1.end(), 0.0f);
@@ -88,6 +93,7 @@ void ShiftedSums(const T* x, int64_t begin, int64_t end, int64_t c, const float*
       std::fill(b2.begin(), b2.end(), 0.0f);
       const int64_t s1 = std::min(r1, s0 + kSubRows);
       for (int64_t r = s0; r < s1; ++r) {
+        if (valid != nullptr && !valid[r]) continue;  // a masked row: skipped, whatever it holds
         const int64_t row = r * c;
         for (int64_t j = 0; j < c; ++j) {
           const float d = Load(x, row + j) - k[j];
@@ -107,33 +113,53 @@ void ShiftedSums(const T* x, int64_t begin, int64_t end, int64_t c, const float*
   }
 }
 
-template <typename TX, typename TY>
-void Forward(ffi::ThreadPool& pool, const TX* x, const float* scale, const float* bias,
-             float epsilon, int64_t rows, int64_t c, TY* y, float* mean, float* var) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t shards =
-      std::max<int64_t>(1, std::min<int64_t>(threads, rows * c / kMinShard));
-  const int64_t per_shard = (rows + shards - 1) / shards;
-  auto bounds = [&](int64_t t) {
-    return std::make_pair(std::min(rows, t * per_shard), std::min(rows, (t + 1) * per_shard));
-  };
+// How Forward and Moments split a group's rows over the pool's threads.
+struct Shards {
+  int64_t count, per_shard, rows;
+  Shards(ffi::ThreadPool& pool, int64_t rows, int64_t c) : rows(rows) {
+    const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+    count = std::max<int64_t>(1, std::min<int64_t>(threads, rows * c / kMinShard));
+    per_shard = (rows + count - 1) / count;
+  }
+  std::pair<int64_t, int64_t> Bounds(int64_t t) const {
+    return {std::min(rows, t * per_shard), std::min(rows, (t + 1) * per_shard)};
+  }
+};
+
+// The mean and biased variance of each feature of x (rows, C) over its valid rows (all when `valid` is
+// null; none: mean 0, variance 0) into mean, var: shifted sums, and a second pass shifted by the mean
+// where the first could have lost digits (see the file's comment).
+template <typename TX>
+void Statistics(ffi::ThreadPool& pool, const Shards& shards, const TX* x, const uint8_t* valid,
+                int64_t rows, int64_t c, float* mean, float* var) {
   std::vector<float> k(c, 0.0f);
+  int64_t count = 0;
   {
-    const int64_t probe = std::min(rows, kProbeRows);
     std::vector<double> s(c, 0.0);
-    for (int64_t r = 0; r < probe; ++r)
+    int64_t probe = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (valid != nullptr && !valid[r]) continue;
+      ++count;
+      if (probe == kProbeRows) continue;
+      ++probe;
       for (int64_t j = 0; j < c; ++j) s[j] += Load(x, r * c + j);
+    }
     for (int64_t j = 0; j < c; ++j) k[j] = probe ? static_cast<float>(s[j] / probe) : 0.0f;
   }
-  std::vector<double> acc(2 * c * shards), m(c), v(c);
-  const double n = static_cast<double>(std::max<int64_t>(rows, 1));
+  if (count == 0) {
+    std::fill(mean, mean + c, 0.0f);
+    std::fill(var, var + c, 0.0f);
+    return;
+  }
+  std::vector<double> acc(2 * c * shards.count), m(c), v(c);
+  const double n = static_cast<double>(count);
   auto moments = [&]() {  // m, v from the sums of x - k; whether every feature kept its digits
     std::fill(acc.begin(), acc.end(), 0.0);
-    ForEachShard(pool, shards, [&](int64_t t) {
-      auto [b, e] = bounds(t);
-      ShiftedSums(x, b, e, c, k.data(), &acc[2 * c * t], &acc[2 * c * t + c]);
+    ForEachShard(pool, shards.count, [&](int64_t t) {
+      auto [b, e] = shards.Bounds(t);
+      ShiftedSums(x, valid, b, e, c, k.data(), &acc[2 * c * t], &acc[2 * c * t + c]);
     });
-    for (int64_t t = 1; t < shards; ++t)
+    for (int64_t t = 1; t < shards.count; ++t)
       for (int64_t j = 0; j < 2 * c; ++j) acc[j] += acc[2 * c * t + j];
     bool precise = true;
     for (int64_t j = 0; j < c; ++j) {
@@ -148,34 +174,77 @@ void Forward(ffi::ThreadPool& pool, const TX* x, const float* scale, const float
     for (int64_t j = 0; j < c; ++j) k[j] = static_cast<float>(m[j]);
     moments();
   }
-  std::vector<float> mu(c), a(c), b(c);
   for (int64_t j = 0; j < c; ++j) {
     mean[j] = static_cast<float>(m[j]);
     var[j] = static_cast<float>(v[j]);
-    mu[j] = mean[j];
-    a[j] = scale[j] / std::sqrt(var[j] + epsilon);
-    b[j] = bias[j];
   }
-  ForEachShard(pool, shards, [&](int64_t t) {
-    auto [begin, end] = bounds(t);
+}
+
+template <typename TX, typename TY>
+void Forward(ffi::ThreadPool& pool, const TX* x, const float* scale, const float* bias,
+             float epsilon, int64_t rows, int64_t c, TY* y, float* mean, float* var) {
+  const Shards shards(pool, rows, c);
+  Statistics(pool, shards, x, nullptr, rows, c, mean, var);
+  std::vector<float> a(c);
+  for (int64_t j = 0; j < c; ++j) a[j] = scale[j] / std::sqrt(var[j] + epsilon);
+  ForEachShard(pool, shards.count, [&](int64_t t) {
+    auto [begin, end] = shards.Bounds(t);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t row = r * c;
-      for (int64_t j = 0; j < c; ++j) Store(y, row + j, (Load(x, row + j) - mu[j]) * a[j] + b[j]);
+      for (int64_t j = 0; j < c; ++j)
+        Store(y, row + j, (Load(x, row + j) - mean[j]) * a[j] + bias[j]);
     }
   });
+}
+
+// (groups, rows, C) from x's shape and `groups`, or an error naming what does not fit.
+ffi::Error Layout(ffi::AnyBuffer& x, int64_t groups, int64_t* rows, int64_t* c) {
+  auto dims = x.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("x must be at least 1-D");
+  *c = dims.back();
+  const int64_t size = static_cast<int64_t>(x.element_count());
+  if (*c <= 0 || groups <= 0 || size % (*c * groups) != 0)
+    return ffi::Error::InvalidArgument("x's size must be a multiple of groups * features");
+  const auto tx = x.element_type();
+  if (tx != ffi::DataType::F32 && tx != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
+  *rows = size / (*c * groups);  // per group
+  return ffi::Error::Success();
+}
+
+// `valid`: one flag per row of each group (groups * rows), or empty (every row valid).
+ffi::Error DispatchMoments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> valid,
+                           int64_t groups, ffi::ResultBuffer<ffi::F32> mean,
+                           ffi::ResultBuffer<ffi::F32> var) {
+  int64_t rows, c;
+  if (auto error = Layout(x, groups, &rows, &c); error.failure()) return error;
+  const bool masked = valid.element_count() != 0;
+  if (masked && valid.element_count() != static_cast<size_t>(groups * rows))
+    return ffi::Error::InvalidArgument("valid must hold one flag per row of x (or none)");
+  if (mean->element_count() != static_cast<size_t>(groups * c) ||
+      var->element_count() != static_cast<size_t>(groups * c))
+    return ffi::Error::InvalidArgument("mean or var do not match x's shape");
+  const bool f32 = x.element_type() == ffi::DataType::F32;
+  const Shards shards(pool, rows, c);
+  for (int64_t g = 0; g < groups; ++g) {
+    float *m = mean->typed_data() + g * c, *v = var->typed_data() + g * c;
+    const uint8_t* flags = masked ? valid.typed_data() + g * rows : nullptr;
+    if (f32)
+      Statistics(pool, shards, static_cast<const float*>(x.untyped_data()) + g * rows * c, flags,
+                 rows, c, m, v);
+    else
+      Statistics(pool, shards, static_cast<const uint16_t*>(x.untyped_data()) + g * rows * c,
+                 flags, rows, c, m, v);
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> bias, float epsilon, int64_t groups,
                     ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::F32> mean,
                     ffi::ResultBuffer<ffi::F32> var) {
-  auto dims = x.dimensions();
-  if (dims.size() < 1) return ffi::Error::InvalidArgument("x must be at least 1-D");
-  const int64_t c = dims.back();
-  const int64_t size = static_cast<int64_t>(x.element_count());
-  if (c <= 0 || groups <= 0 || size % (c * groups) != 0)
-    return ffi::Error::InvalidArgument("x's size must be a multiple of groups * features");
-  const int64_t rows = size / (c * groups);  // per group
+  int64_t rows, c;
+  if (auto error = Layout(x, groups, &rows, &c); error.failure()) return error;
   if (scale.element_count() != static_cast<size_t>(c) ||
       bias.element_count() != static_cast<size_t>(c) || y->element_count() != x.element_count() ||
       mean->element_count() != static_cast<size_t>(groups * c) ||
@@ -219,5 +288,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxBatchNormForward, Dispatch,
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("groups")
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxBatchNormMoments, DispatchMoments,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Attr<int64_t>("groups")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,12 +1,19 @@
-"""BatchNorm's training statistics and normalization on XLA:CPU as one custom call (`cpu_batch_norm.cc`).
+"""BatchNorm's training statistics and normalization on XLA:CPU as custom calls (`cpu_batch_norm.cc`).
 
 XLA:CPU runs each of a training forward's sums as its own pass over `x` and the normalization as a
 third (flax.linen's E[x²]−E[x]² too: 3 reads of `x` and a write of `y`, in 6 kernels), and an accurate
-one-pass variance costs it a conditional (see `lowering.py`). This XLA FFI kernel (for a step without mask,
-`axis_name` or renorm; consecutive ghost batches each get their own statistics) reads `x` twice:
-once for shifted sums (a second, two-pass read only for features whose mean lies more than 3 standard
-deviations from the shift, decided inside the kernel) and once to write `y`. It splits the rows over
-XLA's intra-op thread pool.
+one-pass variance costs it a conditional (see `lowering.py`). Two XLA FFI kernels replace that:
+
+  * `statistics_and_normalize` (a step without mask, `axis_name` or renorm; consecutive ghost batches
+    each get their own statistics) reads `x` twice: once for shifted sums (a second, two-pass read
+    only for features whose mean lies more than 3 standard deviations from the shift, decided inside
+    the kernel) and once to write `y`.
+  * `moments` computes the same statistics only, over the rows a mask keeps: `stats.moments_and_count`
+    calls it on a CPU for every features-last reduction it handles (renorm, masks, `axis_name`, where
+    the devices' moments are combined exactly by Chan's formula), and XLA normalizes.
+
+Both split the rows over XLA's intra-op thread pool; results are bitwise reproducible on one machine
+(the split follows its thread count).
 
 The C++ source ships with normjax and is compiled on first use with the host's C++ compiler
 (`$CXX`, else `g++`, `-O3 -march=native`) against the XLA FFI headers of the installed jaxlib; the
@@ -47,6 +54,7 @@ import numpy as np
 from normjax._src import compat
 
 TARGET = "normjax_batch_norm_forward"
+MOMENTS_TARGET = "normjax_batch_norm_moments"
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_batch_norm.cc")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -100,9 +108,13 @@ def _library() -> Optional[str]:
   try:
     path = _build()
     library = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(
-      TARGET, jax.ffi.pycapsule(library.NormjaxBatchNormForward), platform="cpu"
-    )
+    for target, symbol in (
+      (TARGET, "NormjaxBatchNormForward"),
+      (MOMENTS_TARGET, "NormjaxBatchNormMoments"),
+    ):
+      jax.ffi.register_ffi_target(
+        target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+      )
     return path
   except (OSError, subprocess.SubprocessError, AttributeError) as error:
     warnings.warn(
@@ -174,15 +186,8 @@ def statistics_and_normalize(x, scale, bias, *, epsilon: float, dtype=None, grou
     ValueError: the kernel does not handle `x` (see `handles`), naming its shape and dtypes.
   """
   dtype = jnp.dtype(dtype if dtype is not None else x.dtype)
-  if not handles(x.shape, x.dtype, dtype, grouped):
-    raise ValueError(
-      f"x of shape {x.shape} and dtype {x.dtype} (output {dtype}, grouped={grouped}) is not handled "
-      f"by the CPU BatchNorm kernel: expected float32 or bfloat16, at least one feature and row, and "
-      f"the kernel built (available() = {available()})"
-    )
-  features = x.shape[-1]
-  groups = x.shape[0] if grouped else 1
-  vector = jax.ShapeDtypeStruct((groups, features) if grouped else (features,), jnp.float32)
+  _check_handled(x, dtype, grouped)
+  features, groups, vector = _per_feature_result(x, grouped)
   call = jax.ffi.ffi_call(
     TARGET, (jax.ShapeDtypeStruct(x.shape, dtype), vector, vector), vmap_method="sequential"
   )
@@ -192,3 +197,91 @@ def statistics_and_normalize(x, scale, bias, *, epsilon: float, dtype=None, grou
   )
   # under shard_map, typed as varying like x (as they are: each device computes its own)
   return tuple(compat.vary_like(x, r) for r in results)
+
+
+def moments(x, valid=None, *, groups: Optional[int] = None):
+  """`(mean, var)` of `x` over every axis but the last, on a CPU (per group of rows with `groups`).
+
+  The statistics of `statistics_and_normalize`, without `y`: one read of `x` (two where a feature's
+  mean lies far from the shift). Differentiable (`jax.custom_jvp`, any order): the tangents are
+  `Σ dx / n` and `2 Σ (x − mean)·dx / n` over the valid rows, computed by XLA.
+
+  Args:
+    x: float32 or bfloat16, features last (`handles(x.shape, x.dtype, x.dtype)`).
+    valid: None (every element counts) or a boolean mask of `x.shape[:-1]` (or broadcastable to it):
+      a row (all features of one position) counts where it is True; the values of the others are never
+      read into the statistics (NaN there is harmless). A group without a valid row gets mean 0 and
+      variance 0.
+    groups: None, or the number of consecutive equal slices of axis 0 (BatchNorm's ghost batches)
+      that each get their own statistics. `x` keeps its own shape (XLA:CPU would copy a reshaped
+      bfloat16 operand).
+
+  Returns:
+    The float32 mean and biased variance, `(C,)` (`(groups, C)` with `groups`).
+
+  Raises:
+    ValueError: the kernel does not handle `x` (see `handles`), or `groups` does not divide axis 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import cpu_kernel
+    >>> x = jnp.arange(8.0).reshape(4, 2)
+    >>> mean, var = cpu_kernel.moments(x) if cpu_kernel.available() else (x.mean(0), x.var(0))
+    >>> print(mean.tolist(), var.tolist())
+    [3.0, 4.0] [5.0, 5.0]
+  """
+  _check_handled(x, x.dtype, False)
+  if groups is not None and (groups < 1 or x.ndim < 2 or x.shape[0] % groups):
+    raise ValueError(f"groups={groups} must divide axis 0 of x (shape {x.shape})")
+  if valid is None:
+    flags = jnp.zeros((0,), jnp.uint8)
+  else:
+    flags = jnp.broadcast_to(jnp.asarray(valid, bool), x.shape[:-1]).astype(jnp.uint8)
+  return _moments(groups, x, flags)
+
+
+def _run_moments(groups, x, flags):
+  features = x.shape[-1]
+  vector = jax.ShapeDtypeStruct((features,) if groups is None else (groups, features), jnp.float32)
+  call = jax.ffi.ffi_call(MOMENTS_TARGET, (vector, vector), vmap_method="sequential")
+  flags = compat.vary_like(x, flags)
+  results = call(x, flags, groups=np.int64(1 if groups is None else groups))
+  return tuple(compat.vary_like(x, r) for r in results)
+
+
+_moments = jax.custom_jvp(_run_moments, nondiff_argnums=(0,))
+
+
+@_moments.defjvp
+def _moments_jvp(groups, primals, tangents):
+  (x, flags), (dx, _) = primals, tangents
+  mean, var = _moments(groups, x, flags)  # itself: higher orders work
+  grouped = (1 if groups is None else groups, -1, x.shape[-1])  # (groups, rows, C), float32 views
+  u = dx.astype(jnp.float32).reshape(grouped)
+  deviation = (x.astype(jnp.float32).reshape(grouped) - mean.reshape(grouped[0], 1, -1)) * u
+  if flags.size:  # masked rows contribute nothing (even NaN)
+    valid = flags.astype(bool).reshape(grouped[:2] + (1,))
+    u, deviation = jnp.where(valid, u, 0.0), jnp.where(valid, deviation, 0.0)
+    n = jnp.sum(valid.astype(jnp.float32), 1)
+  else:
+    n = float(u.shape[1])
+  scale = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0)
+  dmean, dvar = jnp.sum(u, 1) * scale, 2.0 * jnp.sum(deviation, 1) * scale
+  return (mean, var), (dmean.reshape(mean.shape), dvar.reshape(var.shape))
+
+
+def _check_handled(x, dtype, grouped):
+  if not handles(x.shape, x.dtype, dtype, grouped):
+    raise ValueError(
+      f"x of shape {x.shape} and dtype {x.dtype} (output {dtype}, grouped={grouped}) is not handled "
+      f"by the CPU BatchNorm kernel: expected float32 or bfloat16, at least one feature and row, and "
+      f"the kernel built (available() = {available()})"
+    )
+
+
+def _per_feature_result(x, grouped):
+  """`(features, groups, the ShapeDtypeStruct of a per-feature float32 result)`."""
+  features = x.shape[-1]
+  groups = x.shape[0] if grouped else 1
+  vector = jax.ShapeDtypeStruct((groups, features) if grouped else (features,), jnp.float32)
+  return features, groups, vector

@@ -128,6 +128,25 @@ def cond_with_1d_results(pred, true_fun, false_fun, *operands):
   return jax.tree_util.tree_unflatten(treedef, [v.reshape(s) for v, s in zip(leaves, shapes)])
 
 
+def nested_program(fun, operand):
+  """`fun(operand)` run as a conditional's branch: its own thunk sequence on XLA:CPU.
+
+  XLA:CPU runs a program of at most 8 kernels in order and a larger one as a slower concurrent graph
+  (module docstring); a conditional's branch is a nested program with its own count. Both branches
+  are `fun`, so the predicate (the first element of `operand`'s first leaf equals itself: XLA cannot
+  fold it, NaN ≠ NaN) never changes the result; it is a function of `operand`, so it is the same on
+  every device when `operand` is. `fun`'s array results leave 1-D (`cond_with_1d_results`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import lowering
+    >>> float(lowering.nested_program(lambda v: v * 2, jnp.array([jnp.nan, 1.0]))[1])
+    2.0
+  """
+  first = jax.tree_util.tree_leaves(operand)[0].ravel()[0]
+  return cond_with_1d_results(first == first, fun, fun, operand)
+
+
 def private_copies(value, count: int, *, grouped: bool = False) -> Tuple:
   """`count` aliases of `value` (an array or a tuple of arrays) that XLA may not merge.
 

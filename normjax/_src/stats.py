@@ -24,9 +24,13 @@ some statistic could lose precision: when ``mean**2 > CPU_PLAIN_SUMS_LIMIT * var
 a sum is not finite. Measured with XLA:CPU's float32 sums, the relative variance error of the plain
 sums is 3e-7 × (1 + mean²/var) for 1e3 to 1.6e6 elements, so at most 3e-6 where they are kept.
 
-BatchNorm's training step without mask, `axis_name` or renorm does not call `moments` on a CPU: its C++ kernel (`cpu_kernel.py`)
-computes the same shifted statistics (``K`` the mean of the first 16 rows, a second pass inside the
-kernel where a feature's mean lies more than 3 std from ``K``) and ``y`` in two reads of ``x``.
+Where the C++ kernel is built (`cpu_kernel.py`), a CPU program computes a features-last reduction (every
+axis but the last, a mask the same for every feature) with it instead: the same shifted statistics
+(``K`` the mean of the first 16 valid rows, a second pass inside the kernel where a feature's mean lies
+more than 3 std from ``K``) in one read of ``x``; across devices, the per-device moments about the
+common shift are added in one round of `psum`, and combined about the global mean in a second round
+(Chan et al.; no second read of ``x``) only where the first could lose precision. BatchNorm's plain training step does not
+call `moments` on a CPU at all: its kernel also writes ``y`` (two reads of ``x``).
 
 Cross-device statistics (``axis_name``): with a shift common to every device (a replicated running mean,
 or the CPU's first pass), the per-device count and the two shifted sums are summed in one round of
@@ -49,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._src import collectives
+from normjax._src import cpu_kernel
 from normjax._src import lowering
 from normjax._src import validation
 
@@ -181,7 +186,18 @@ def moments_and_count(
   )
   # `count` is closed over, not passed: without a mask it stays a NumPy constant (see `valid_count`)
   portable = lambda x, mask, shift: finish(shifted(x, mask, count, shift))
-  if axis_index_groups is None:
+  if _kernel_reduces(x, axes, mask, grouped):
+    cpu = lambda x, mask, shift: _kernel_statistics(
+      x,
+      mask,
+      count,
+      shift,
+      grouped=grouped,
+      axis_name=axis_name,
+      groups=axis_index_groups,
+      finish=finish,
+    )
+  elif axis_index_groups is None:
     cpu = lambda x, mask, shift: _shifted_cpu(
       x, mask, count, axes=axes, axis_name=axis_name, grouped=grouped, finish=finish
     )
@@ -304,6 +320,54 @@ def _shifted_cpu(x, mask, count, *, axes, axis_name, grouped, finish):
   operands = (lowering.as_operand(x, grouped), mask)
   operands += (count, sums) if static is None else (None, sums[1:])
   return lowering.cond_with_1d_results(_plain_sums_ok(*sums), keep, second_pass, *operands)
+
+
+def _kernel_reduces(x, axes, mask, grouped) -> bool:
+  """Whether the CPU kernel (`cpu_kernel.moments`) computes these statistics: features last, every
+  other axis reduced (but the groups of a `grouped` view), a mask (if any) the same for every feature."""
+  leading = tuple(range(1 if grouped else 0, x.ndim - 1))
+  per_row = mask is None or mask.shape[-1] == 1
+  return (
+    per_row and tuple(axes) == leading and cpu_kernel.handles(x.shape, x.dtype, x.dtype, grouped)
+  )
+
+
+def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, finish):
+  """`finish((mean, var, count))` from the CPU kernel's per-device moments (`cpu_kernel.moments`).
+
+  On one device the epilogue runs as a nested program (`lowering.nested_program`: its kernels do not
+  count toward the outer program's 8). Across devices, one round of `psum` adds each device's count and
+  its moments about the common shift `K` (`shift`, else 0): `n·(μ − K)` and `n·(σ² + (μ − K)²)`. Where
+  the global mean lies more than 3 std from `K` those sums could lose digits (as plain sums, see
+  `_plain_sums_ok`) and a second round combines the moments about the global mean instead (Chan et
+  al.): exact, and no second read of `x`. Every device sees the same sums, so all take the same branch;
+  with `axis_index_groups` (whose groups could differ) the second round always runs.
+  """
+  # the kernel reads x in the shape it was grouped from (XLA:CPU copies a reshaped bfloat16 operand)
+  source = lowering.as_operand(x, grouped)
+  valid = None if mask is None else lowering.as_operand(mask[..., 0], grouped)
+  moments = cpu_kernel.moments(source, valid, groups=x.shape[0] if grouped else None)
+  mean, var = (v.reshape(jnp.shape(count)) for v in moments)
+  if axis_name is None:
+    return lowering.nested_program(finish, (mean, var, count))
+  if groups is not None:
+    return finish(_combine(count, mean, var * count, axis_name, groups))
+  shift = jnp.zeros((), mean.dtype) if shift is None else shift.astype(mean.dtype)
+  offset = jnp.where(count > 0, mean - shift, 0.0)
+  sums = (count, count * offset, count * (var + offset * offset))
+  total, s1, s2 = collectives.cross_device_sum(sums, axis_name)
+
+  def keep(shift, total, s1, s2, mean, var):
+    return finish(_from_shifted_sums(total, s1, s2, shift))
+
+  def second_round(shift, total, s1, s2, mean, var):
+    global_mean = shift + _safe_divide(s1, total)
+    spread = jnp.where(count > 0, count * (var + jnp.square(mean - global_mean)), 0.0)
+    m2 = collectives.cross_device_sum(spread, axis_name)
+    return finish((jnp.where(total > 0, global_mean, 0.0), _safe_divide(m2, total), total))
+
+  operands = (shift, total, s1, s2, mean, var)
+  return lowering.cond_with_1d_results(_plain_sums_ok(total, s1, s2), keep, second_round, *operands)
 
 
 def _static_counts(count, axis_name):
