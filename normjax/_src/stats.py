@@ -27,9 +27,9 @@ sums is 3e-7 × (1 + mean²/var) for 1e3 to 1.6e6 elements, so at most 3e-6 wher
 Where the C++ kernel is built (`cpu_kernel.py`), a CPU program computes a features-last reduction (every
 axis but the last, a mask the same for every feature) with it instead: the same shifted statistics
 (``K`` the mean of the first 16 valid rows, a second pass inside the kernel where a feature's mean lies
-more than 3 std from ``K``) in one read of ``x``; across devices, the per-device moments about the
-common shift are added in one round of `psum`, and combined about the global mean in a second round
-(Chan et al.; no second read of ``x``) only where the first could lose precision. BatchNorm's plain training step does not
+more than 3 std from ``K``) in one read of ``x``; across devices, the per-device counts and raw moments
+are added in one round of `psum`, and combined about the global mean in a second round (Chan et al.;
+no second read of ``x``) only where the first could lose precision. BatchNorm's plain training step does not
 call `moments` on a CPU at all: its kernel also writes ``y`` (two reads of ``x``).
 
 Cross-device statistics (``axis_name``): with a shift common to every device (a replicated running mean,
@@ -336,11 +336,11 @@ def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, fin
   """`finish((mean, var, count))` from the CPU kernel's per-device moments (`cpu_kernel.moments`).
 
   On one device the epilogue runs as a nested program (`lowering.nested_program`: its kernels do not
-  count toward the outer program's 8). Across devices, one round of `psum` adds each device's count and
-  its moments about the common shift `K` (`shift`, else 0): `n·(μ − K)` and `n·(σ² + (μ − K)²)`. Where
-  the global mean lies more than 3 std from `K` those sums could lose digits (as plain sums, see
-  `_plain_sums_ok`) and a second round combines the moments about the global mean instead (Chan et
-  al.): exact, and no second read of `x`. Every device sees the same sums, so all take the same branch;
+  count toward the outer program's 8). Across devices, one round of `psum` adds each device's count
+  and its first two raw moments, `n·μ` and `n·(σ² + μ²)` (`shift` is not used: as in `_shifted_cpu`,
+  computing it would cost kernels). Where the global mean lies more than 3 std from 0 those sums could
+  lose digits (see `_plain_sums_ok`) and a second round combines the moments about the global mean
+  instead (Chan et al.): exact, and no second read of `x`. Every device sees the same sums, so all take the same branch;
   with `axis_index_groups` (whose groups could differ) the second round always runs.
   """
   # the kernel reads x in the shape it was grouped from (XLA:CPU copies a reshaped bfloat16 operand)
@@ -352,21 +352,21 @@ def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, fin
     return lowering.nested_program(finish, (mean, var, count))
   if groups is not None:
     return finish(_combine(count, mean, var * count, axis_name, groups))
-  shift = jnp.zeros((), mean.dtype) if shift is None else shift.astype(mean.dtype)
-  offset = jnp.where(count > 0, mean - shift, 0.0)
-  sums = (count, count * offset, count * (var + offset * offset))
+  del shift  # as `_shifted_cpu`: plain sums and a check (a shift would add kernels to compute it)
+  weighted = jnp.where(count > 0, count * mean, 0.0)
+  sums = (count, weighted, jnp.where(count > 0, count * var, 0.0) + weighted * mean)
   total, s1, s2 = collectives.cross_device_sum(sums, axis_name)
 
-  def keep(shift, total, s1, s2, mean, var):
-    return finish(_from_shifted_sums(total, s1, s2, shift))
+  def keep(total, s1, s2, mean, var):
+    return finish(_from_shifted_sums(total, s1, s2, 0.0))
 
-  def second_round(shift, total, s1, s2, mean, var):
-    global_mean = shift + _safe_divide(s1, total)
+  def second_round(total, s1, s2, mean, var):
+    global_mean = _safe_divide(s1, total)
     spread = jnp.where(count > 0, count * (var + jnp.square(mean - global_mean)), 0.0)
     m2 = collectives.cross_device_sum(spread, axis_name)
-    return finish((jnp.where(total > 0, global_mean, 0.0), _safe_divide(m2, total), total))
+    return finish((global_mean, _safe_divide(m2, total), total))
 
-  operands = (shift, total, s1, s2, mean, var)
+  operands = (total, s1, s2, mean, var)
   return lowering.cond_with_1d_results(_plain_sums_ok(total, s1, s2), keep, second_round, *operands)
 
 
