@@ -26,7 +26,7 @@ def use_program(monkeypatch, program: str) -> None:
 
   if program not in PROGRAMS:
     raise ValueError(f"program={program!r} must be one of {PROGRAMS}")
-  if program != "cpu_kernel":
-    monkeypatch.setenv("NORMJAX_CPU_KERNEL", "0")
+  # the tests run with 8 CPU devices, where the default keeps plain `jit` on the XLA program
+  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "always" if program == "cpu_kernel" else "0")
   if program == "portable":
     monkeypatch.setattr(lowering, "cpu_or_portable", lambda *a, cpu, portable: portable(*a))

@@ -7,6 +7,9 @@ import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 import numpy as np
 import pytest
@@ -17,8 +20,18 @@ from normjax._src import fused_batch_norm
 from tests import helpers
 
 pytestmark = pytest.mark.skipif(
-  not cpu_kernel.available(), reason="no C++ compiler: BatchNorm uses the XLA program on this host"
+  cpu_kernel._library() is None,  # pylint: disable=protected-access
+  reason="no C++ compiler: BatchNorm uses the XLA program on this host",
 )
+
+
+@pytest.fixture(autouse=True)
+def _kernel_always(monkeypatch):
+  """The tests run with 8 CPU devices, where plain `jit` keeps the XLA program by default
+  (`cpu_kernel.runs_whole_on_each_device`); here the kernel runs wherever it handles the step."""
+  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "always")
+
+
 EPS = 1e-5
 
 
@@ -253,3 +266,21 @@ def test_each_feature_has_mean_bias_and_std_scale(leading, features, dtype, mean
   np.testing.assert_allclose(y.mean(axis=0), bias, atol=tolerance * 10)
   expected_std = np.asarray(scale) * np.sqrt(want_var / (want_var + EPS))
   np.testing.assert_allclose(y.std(axis=0), expected_std, rtol=tolerance * 10, atol=tolerance)
+
+
+def test_automatic_sharding_keeps_the_xla_program(monkeypatch):
+  """By default the kernel runs only where the program runs whole on each device: XLA's SPMD
+  partitioner would gather x for a custom call. `jit` of a batch-sharded x on 8 devices keeps the
+  XLA program (partial sums and an all-reduce); `shard_map` over every device runs the kernel."""
+  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "1")
+  assert not cpu_kernel.runs_whole_on_each_device()  # 8 CPU devices in the tests
+  mesh = Mesh(np.array(jax.devices()[:8]), ("batch",))
+  bn = normjax.batch_norm()
+  x = jnp.asarray(helpers.normal_data((16, 4, 4, 8), mean=1.0))
+  params, state = bn.init(x)
+  apply = lambda x: bn.apply(params, state, x, training=True)[0]  # noqa: E731
+  sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
+  program = jax.jit(apply).lower(sharded).compile().as_text()
+  assert cpu_kernel.TARGET not in program and "all-reduce" in program
+  per_device = jax.shard_map(apply, mesh=mesh, in_specs=P("batch"), out_specs=P("batch"))
+  assert cpu_kernel.TARGET in jax.jit(per_device).lower(x).as_text()

@@ -18,8 +18,16 @@ from normjax._src import cpu_kernel
 from tests import helpers
 
 pytestmark = pytest.mark.skipif(
-  not cpu_kernel.available(), reason="no C++ compiler: BatchNorm uses the XLA program on this host"
+  cpu_kernel._library() is None,  # pylint: disable=protected-access
+  reason="no C++ compiler: BatchNorm uses the XLA program on this host",
 )
+
+
+@pytest.fixture(autouse=True)
+def _kernel_always(monkeypatch):
+  """The tests run with 8 CPU devices, where plain `jit` keeps the XLA program by default
+  (`cpu_kernel.runs_whole_on_each_device`); here the kernel runs wherever it handles the step."""
+  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "always")
 
 
 def _reference(x, valid):

@@ -65,8 +65,8 @@ _SWITCHED = []  # set only inside `switched`
 
 @contextlib.contextmanager
 def switched(on: bool):
-  """Within it, functions traced use the kernel (`on`) or the XLA program, whatever
-  `NORMJAX_CPU_KERNEL` says (the benchmarks compare both in one process).
+  """Within it, functions traced use the kernel (`on`, even where XLA would gather its operand) or
+  the XLA program, whatever `NORMJAX_CPU_KERNEL` says (the benchmarks compare both in one process).
 
   Example:
     >>> from normjax._src import cpu_kernel
@@ -82,10 +82,29 @@ def switched(on: bool):
 
 
 def enabled() -> bool:
-  """The innermost `switched`, else False when `NORMJAX_CPU_KERNEL` is 0 (read at each trace)."""
+  """Whether functions traced now use the kernel (read at each trace).
+
+  The innermost `switched` decides; else `NORMJAX_CPU_KERNEL`: "0" never, "always" always, anything
+  else (the default) only where the program runs whole on each device (`runs_whole_on_each_device`).
+  XLA's SPMD partitioner cannot split a custom call: under automatic sharding (`jit` of sharded
+  inputs) it would gather `x` onto every device, where the XLA program's reductions become partial
+  sums and an all-reduce.
+  """
   if _SWITCHED:
     return _SWITCHED[-1]
-  return os.environ.get("NORMJAX_CPU_KERNEL", "1") != "0"
+  mode = os.environ.get("NORMJAX_CPU_KERNEL", "1")
+  if mode == "0":
+    return False
+  return mode == "always" or runs_whole_on_each_device()
+
+
+def runs_whole_on_each_device() -> bool:
+  """True inside `shard_map` with every mesh axis manual, or, outside any mesh, when the process has
+  one CPU device (`pmap` and `jit` of sharded inputs on several devices then keep the XLA program)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.axis_names:
+    return all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+  return len(jax.devices("cpu")) == 1
 
 
 def handles(shape, dtype, out_dtype, grouped: bool = False) -> bool:
