@@ -19,3 +19,9 @@ def data_cache(tmp_path_factory) -> str:
   """One prepared-dataset cache directory per test session (per xdist worker): each dataset is
   prepared once and shared by the experiments and studies tests."""
   return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def cpu_kernel_always(monkeypatch):
+  """normjax's CPU kernel wherever it handles the step, even on these 8 devices (`helpers.needs_cpu_kernel`)."""
+  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "always")

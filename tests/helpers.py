@@ -5,6 +5,7 @@ Fixtures live in `conftest.py`; these are ordinary functions so a test module ca
 """
 
 import numpy as np
+import pytest
 
 
 def normal_data(shape, mean=0.0, std=1.0, seed=0, dtype=np.float32) -> np.ndarray:
@@ -30,3 +31,16 @@ def use_program(monkeypatch, program: str) -> None:
   monkeypatch.setenv("NORMJAX_CPU_KERNEL", "always" if program == "cpu_kernel" else "0")
   if program == "portable":
     monkeypatch.setattr(lowering, "cpu_or_portable", lambda *a, cpu, portable: portable(*a))
+
+
+def needs_cpu_kernel():
+  """The marks of a test module that runs normjax's CPU kernel: skipped where it cannot be built, and
+  with `NORMJAX_CPU_KERNEL=always` (the `cpu_kernel_always` fixture): the tests run on 8 CPU devices,
+  where plain `jit` keeps the XLA program by default (`cpu_kernel.runs_whole_on_each_device`)."""
+  from normjax._src import cpu_kernel  # pylint: disable=import-outside-toplevel
+
+  skip = pytest.mark.skipif(
+    cpu_kernel._library() is None,  # pylint: disable=protected-access
+    reason="no C++ compiler: BatchNorm uses the XLA program on this host",
+  )
+  return [skip, pytest.mark.usefixtures("cpu_kernel_always")]

@@ -19,17 +19,7 @@ from normjax._src import cpu_kernel
 from normjax._src import fused_batch_norm
 from tests import helpers
 
-pytestmark = pytest.mark.skipif(
-  cpu_kernel._library() is None,  # pylint: disable=protected-access
-  reason="no C++ compiler: BatchNorm uses the XLA program on this host",
-)
-
-
-@pytest.fixture(autouse=True)
-def _kernel_always(monkeypatch):
-  """The tests run with 8 CPU devices, where plain `jit` keeps the XLA program by default
-  (`cpu_kernel.runs_whole_on_each_device`); here the kernel runs wherever it handles the step."""
-  monkeypatch.setenv("NORMJAX_CPU_KERNEL", "always")
+pytestmark = helpers.needs_cpu_kernel()
 
 
 EPS = 1e-5
