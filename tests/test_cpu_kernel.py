@@ -14,10 +14,12 @@ from jax.test_util import check_grads
 import numpy as np
 import pytest
 
+from benchmarks import hlo_stats
 import normjax
 from normjax._src import cpu_kernel
 from normjax._src import fused_batch_norm
 from tests import helpers
+from tests import test_renorm
 
 pytestmark = helpers.needs_cpu_kernel()
 
@@ -132,6 +134,10 @@ def test_unhandled_input_names_shape_and_dtype():
     fused_batch_norm.statistics_and_normalize(
       jnp.ones((1, 4, 2)), None, None, epsilon=EPS, grouped=True
     )
+  with pytest.raises(ValueError, match="renorm needs kernel='cpu', not 'pallas'"):
+    fused_batch_norm.statistics_and_normalize(
+      jnp.ones((4, 2)), None, None, epsilon=EPS, renorm=(jnp.zeros(2), jnp.ones(2), 3.0, 5.0)
+    )
   with pytest.raises(ValueError, match="kernel='gpu'"):
     fused_batch_norm.statistics_and_normalize(
       jnp.ones((4, 2)), None, None, epsilon=EPS, kernel="gpu"
@@ -166,15 +172,33 @@ def _step(bn, params, state, x, dy):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
   "options",
-  [{}, {"use_scale": False}, {"debias": True, "momentum": 0.9}, {"ghost_batch_size": 4}],
-  ids=str,
+  [
+    {},
+    {"use_scale": False},
+    {"debias": True, "momentum": 0.9},
+    {"ghost_batch_size": 4},
+    {"renorm": True},
+    {"renorm": True, "ghost_batch_size": 4, "r_max": 1.2, "d_max": 0.3},
+    {
+      "renorm": True,
+      "use_scale": False,
+      "r_max": normjax.batch_renorm_paper_schedule(0, 1.5, 5).r_max,
+    },
+  ],
+  ids=lambda o: (
+    ",".join(f"{k}={v if not callable(v) else 'schedule'}" for k, v in o.items()) or "{}"
+  ),
 )
 def test_training_step_equals_the_xla_program(dtype, options, monkeypatch):
+  """The kernel's y, running statistics and gradients against the XLA program's; renorm's state
+  (running mean 2 above the data's, variance 3×) clips r or d."""
   bn = normjax.batch_norm(epsilon=EPS, **options)
   x, _, _ = _inputs((16, 5, 5, 24), dtype, mean=3.0)
   dy = jnp.asarray(helpers.normal_data(x.shape, seed=5)).astype(dtype)
   params, state = bn.init(x)
-  state = state._replace(mean=state.mean + 2.0, count=jnp.asarray(3, jnp.int32))
+  state = state._replace(
+    mean=state.mean + 2.0, var=state.var * 3.0, count=jnp.asarray(3, jnp.int32)
+  )
   program = jax.jit(functools.partial(_step, bn)).lower(params, state, x, dy).as_text()
   assert cpu_kernel.TARGET in program
   got = jax.jit(functools.partial(_step, bn))(params, state, x, dy)
@@ -198,14 +222,14 @@ def test_training_step_equals_the_xla_program(dtype, options, monkeypatch):
     ({"ghost_batch_size": 4, "ghost_grouping": "strided"}, False, False),
     ({"stats_method": "fast"}, False, False),
     ({"axis": 1}, False, False),
-    ({"renorm": True}, False, True),
+    ({"renorm": True}, True, True),
     ({}, True, True),
   ],
   ids=str,
 )
 def test_other_variants_do_not_run_the_fused_kernel(options, masked, moments):
-  """Strided ghost batches, "fast" statistics and features not last keep the XLA program; renorm
-  and masks take their statistics from `cpu_kernel.moments` (tests/test_cpu_moments.py)."""
+  """Strided ghost batches, "fast" statistics and features not last keep the XLA program; masked
+  steps take their statistics from `cpu_kernel.moments` (tests/test_cpu_moments.py)."""
   bn = normjax.batch_norm(**options)
   x = jnp.ones((8, 4, 4, 16))
   mask = jnp.ones((8,), bool) if masked else None
@@ -216,13 +240,46 @@ def test_other_variants_do_not_run_the_fused_kernel(options, masked, moments):
   assert (cpu_kernel.MOMENTS_TARGET in program) == moments
 
 
-def test_derivatives_forward_and_reverse():
-  bn = normjax.batch_norm(epsilon=EPS)
+@pytest.mark.parametrize(
+  "options", [{}, {"renorm": True, "r_max": 1.1, "d_max": 0.2, "ghost_batch_size": 3}], ids=str
+)
+def test_derivatives_forward_and_reverse(options):
+  bn = normjax.batch_norm(epsilon=EPS, **options)
   x, _, _ = _inputs((6, 3, 4), "float32", mean=2.0)
   params, state = bn.init(x)
   params = {"scale": params["scale"] * 1.5, "bias": params["bias"] + 0.25}
   f = lambda p, x: bn.apply(p, state, x, training=True)[0]  # noqa: E731
   check_grads(f, (params, x), order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+
+
+def test_renorm_references_hold_with_the_kernel():
+  """Batch Renormalization through the kernel (r and d folded into its affine): test_renorm's
+  float64 references (Ioffe's Algorithm 1 as Keras implements it, with and without clipping; ghost
+  groups, each with its own corrections), and Keras' own layer step by step, values and gradients."""
+  bn = normjax.batch_renorm(r_max=1.5, d_max=0.5, ghost_batch_size=4)
+  x = jnp.ones((12, 3))
+  params, state = bn.init(x)
+  apply = lambda x: bn.apply(params, state, x, training=True)  # noqa: E731
+  assert cpu_kernel.TARGET in jax.jit(apply).lower(x).as_text()
+  test_renorm.test_matches_keras_algorithm_float64_reference(0.9, 1.5, 0.5)
+  test_renorm.test_matches_keras_algorithm_float64_reference(0.7, 3.0, 5.0)
+  test_renorm.test_ghost_batches_renormalize_per_group_and_average_sigma_of_mean_variance()
+  test_renorm.test_matches_keras_renorm_layer_step_by_step()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_renorm_step_stays_within_eight_kernels(dtype):
+  """renorm's corrections are computed inside the kernel: its forward (with the paper's schedule of
+  r_max and d_max) is the kernel and the per-feature running update, within XLA:CPU's 8 kernels."""
+  schedule = normjax.batch_renorm_paper_schedule()
+  bn = normjax.batch_norm(renorm=True, r_max=schedule.r_max, d_max=schedule.d_max)
+  x = jnp.ones((16, 8, 8, 32), dtype)
+  params, state = bn.init(x)
+  fwd = lambda p, s, x: bn.apply(p, s, x, training=True)  # noqa: E731
+  text = jax.jit(fwd).lower(params, state, x).compile().as_text()
+  assert cpu_kernel.TARGET in text and cpu_kernel.MOMENTS_TARGET not in text
+  programs = hlo_stats.sequences(text)
+  assert list(programs) == ["ENTRY"] and programs["ENTRY"] <= 8, programs
 
 
 def test_vmap_runs_the_kernel_per_example():

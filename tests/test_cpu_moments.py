@@ -1,5 +1,5 @@
 """The CPU kernel's statistics alone (`cpu_kernel.moments`): float64 references with masks and groups,
-derivatives, and the BatchNorm variants whose statistics it computes on a CPU (renorm, masks,
+derivatives, and the BatchNorm variants whose statistics it computes on a CPU (masks, with renorm too,
 `axis_name` on 8 real CPU devices) against the XLA program."""
 
 import functools
@@ -87,15 +87,16 @@ def _assert_close(got, want, tolerance):
 @pytest.mark.parametrize(
   "options, masked",
   [
-    ({"renorm": True}, False),
-    ({"renorm": True, "ghost_batch_size": 4}, False),
+    ({"renorm": True}, True),
+    ({"renorm": True, "ghost_batch_size": 4}, True),
     ({}, True),
     ({"ghost_batch_size": 8}, True),
   ],
   ids=str,
 )
 def test_training_step_equals_the_xla_program(dtype, options, masked, monkeypatch):
-  """renorm and masked steps: statistics from `cpu_kernel.moments`, y and the backward from XLA."""
+  """Masked steps (with renorm too): statistics from `cpu_kernel.moments`, y and the backward from
+  XLA."""
   bn = normjax.batch_norm(epsilon=1e-5, **options)
   x = jnp.asarray(helpers.normal_data((16, 5, 5, 24), mean=3.0, std=2.0)).astype(dtype)
   dy = jnp.asarray(helpers.normal_data(x.shape, seed=5)).astype(dtype)
@@ -158,7 +159,7 @@ def test_synchronized_statistics_on_8_devices(groups, data_mean, monkeypatch):
   _assert_close((y, means), xla_run(x, mask)[:2], 2e-4)
 
 
-@pytest.mark.parametrize("options, masked", [({"renorm": True}, False), ({}, True)], ids=str)
+@pytest.mark.parametrize("options, masked", [({"renorm": True}, True), ({}, True)], ids=str)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_forward_programs_stay_within_eight_kernels(dtype, options, masked):
   """XLA:CPU runs a program of more than 8 kernels as a slower concurrent graph (BENCHMARKS.md,
@@ -182,13 +183,13 @@ def test_groups_must_divide_the_batch():
 
 def test_bfloat16_input_is_not_copied_for_the_kernel():
   """XLA:CPU lowers a bfloat16 reshape as a copy; the kernel gets x in the shape it was grouped from,
-  so the renorm step's program touches x only in the kernel and the normalize pass."""
+  so a masked ghost-batch step's program touches x only in the kernel and the normalize pass."""
   x = jnp.ones((8, 7, 7, 64), jnp.bfloat16)
-  bn = normjax.batch_norm(renorm=True, ghost_batch_size=4)
+  mask = jnp.arange(8) < 6
+  bn = normjax.batch_norm(ghost_batch_size=4)
   params, state = bn.init(x)
-  text = (
-    jax.jit(lambda x: bn.apply(params, state, x, training=True)[0]).lower(x).compile().as_text()
-  )
+  apply = lambda x: bn.apply(params, state, x, training=True, mask=mask)[0]  # noqa: E731
+  text = jax.jit(apply).lower(x).compile().as_text()
   entry = text[text.index("\nENTRY") :]
   users = [line for line in entry.splitlines() if "%x" in line.split("=", 1)[-1]]
   assert len(users) == 2, users  # the kernel reads the parameter itself, not a copy

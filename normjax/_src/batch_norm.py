@@ -438,16 +438,17 @@ def _no_statistics_tangents(training):
 
 def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
   """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics on
-  one device (no axis_name) without a mask, no renorm and accurate statistics (not "fast"). On a TPU
-  the Pallas kernel (`pallas_batch_norm`) for one group whose blocks fit the VMEM budget; on a CPU
-  the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches. (The other
+  one device (no axis_name) without a mask and accurate statistics (not "fast"). On a TPU the Pallas
+  kernel (`pallas_batch_norm`) for one group without renorm whose blocks fit the VMEM budget; on a
+  CPU the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches and
+  renorm (its corrections folded into the kernel's affine). (The other
   features-last steps on a CPU take their statistics from `cpu_kernel.moments` inside
   `stats.moments_and_count`, and XLA normalizes.)"""
-  plain = config.axis_name is None and mask is None and not config.renorm
+  plain = config.axis_name is None and mask is None
   if not (plain and config.stats_method != "fast" and axes == (x.ndim - 1,)):
     return ()
   one_group = config.ghost_batch_size is None
-  tpu = one_group and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
+  tpu = one_group and not config.renorm and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
   cpu = one_group or config.ghost_grouping == "consecutive"  # groups: contiguous slices of x
   cpu = cpu and cpu_kernel.handles((1,) + x.shape, x.dtype, dtype, grouped=True)
   return ("tpu",) * tpu + ("cpu",) * cpu
@@ -460,6 +461,10 @@ def _kernel_training(step: _TrainingStep, platform: str, xg):
   config = step.config
   scale = step.params["scale"] if config.use_scale else None
   bias = step.params["bias"] if config.use_bias else None
+  renorm = None
+  if config.renorm:  # the CPU kernel folds r and d into the affine (`_kernels`: no TPU kernel)
+    limits = renorm_lib.limits(config.r_max, config.d_max, step.state.count)
+    renorm = (step.state.mean, step.state.var, *limits)
   y, mean, var = fused_batch_norm.statistics_and_normalize(
     xg,
     scale,
@@ -468,6 +473,7 @@ def _kernel_training(step: _TrainingStep, platform: str, xg):
     dtype=step.dtype,
     kernel="pallas" if platform == "tpu" else "cpu",
     grouped=platform == "cpu",
+    renorm=renorm,
   )
   count = stats.valid_count(xg.shape, step.reduce_axes, None)  # keepdims, a NumPy constant
   moments = (mean.reshape(count.shape), var.reshape(count.shape), count)

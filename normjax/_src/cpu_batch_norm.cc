@@ -8,9 +8,10 @@
 // exactly as a two-pass algorithm. The rows are split over XLA's intra-op thread pool.
 //
 // NormjaxBatchNormForward: the statistics, then y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias
-// rounded once to y's dtype (a second read of x).
+// rounded once to y's dtype (a second read of x); with Batch Renormalization's corrections r and d
+// folded into the scale and bias when the running statistics and limits are given.
 // NormjaxBatchNormMoments: the statistics only, over the rows flagged valid (BatchNorm's masks; a
-// masked row is never read), for steps whose normalization XLA computes (renorm, masks, axis_name).
+// masked row is never read), for steps whose normalization XLA computes (masks, axis_name).
 //
 // Built on first use by normjax/_src/cpu_kernel.py (g++ -O3, the XLA FFI headers shipped with jaxlib).
 // Reference: Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983.
@@ -180,19 +181,49 @@ void Statistics(ffi::ThreadPool& pool, const Shards& shards, const TX* x, const 
   }
 }
 
+// Batch Renormalization's reference statistics (Ioffe 2017): the running mean and variance and the
+// limits r_max, d_max; null pointers for a plain step.
+struct Renorm {
+  const float *mean = nullptr, *var = nullptr, *limits = nullptr;
+};
+
+// y = (x - mean) * a + b per feature: a = scale * rsqrt(var + epsilon), b = bias; with renorm
+// a = scale * r * rsqrt(var + epsilon), b = bias + scale * d, where r = clip(sqrt((var + epsilon) /
+// (running var + epsilon)), 1 / r_max, r_max) and d = clip((mean - running mean) * rsqrt(running
+// var + epsilon), -d_max, d_max): the corrections of normjax/_src/renorm.py, held constant.
+void Affine(const float* scale, const float* bias, const Renorm& renorm, float epsilon,
+            const float* mean, const float* var, int64_t c, float* a, float* b) {
+  for (int64_t j = 0; j < c; ++j) {
+    const float rstd = 1.0f / std::sqrt(var[j] + epsilon);
+    if (renorm.mean == nullptr) {
+      a[j] = rstd * scale[j];
+      b[j] = bias[j];
+      continue;
+    }
+    const float r_max = renorm.limits[0], d_max = renorm.limits[1];
+    const float reference = renorm.var[j] + epsilon;
+    const float r = std::min(std::max(std::sqrt((var[j] + epsilon) / reference), 1.0f / r_max), r_max);
+    const float d =
+        std::min(std::max((mean[j] - renorm.mean[j]) * (1.0f / std::sqrt(reference)), -d_max), d_max);
+    a[j] = rstd * (scale[j] * r);
+    b[j] = bias[j] + scale[j] * d;
+  }
+}
+
 template <typename TX, typename TY>
 void Forward(ffi::ThreadPool& pool, const TX* x, const float* scale, const float* bias,
-             float epsilon, int64_t rows, int64_t c, TY* y, float* mean, float* var) {
+             const Renorm& renorm, float epsilon, int64_t rows, int64_t c, TY* y, float* mean,
+             float* var) {
   const Shards shards(pool, rows, c);
   Statistics(pool, shards, x, nullptr, rows, c, mean, var);
-  std::vector<float> a(c);
-  for (int64_t j = 0; j < c; ++j) a[j] = scale[j] / std::sqrt(var[j] + epsilon);
+  std::vector<float> a(c), b(c);
+  Affine(scale, bias, renorm, epsilon, mean, var, c, a.data(), b.data());
   ForEachShard(pool, shards.count, [&](int64_t t) {
     auto [begin, end] = shards.Bounds(t);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t row = r * c;
       for (int64_t j = 0; j < c; ++j)
-        Store(y, row + j, (Load(x, row + j) - mean[j]) * a[j] + bias[j]);
+        Store(y, row + j, (Load(x, row + j) - mean[j]) * a[j] + b[j]);
     }
   });
 }
@@ -239,8 +270,12 @@ ffi::Error DispatchMoments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// `reference_mean`, `reference_var` (C each) and `limits` (r_max, d_max): Batch Renormalization's
+// inputs, or all three empty for a plain step.
 ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> bias, float epsilon, int64_t groups,
+                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> reference_mean,
+                    ffi::Buffer<ffi::F32> reference_var, ffi::Buffer<ffi::F32> limits,
+                    float epsilon, int64_t groups,
                     ffi::Result<ffi::AnyBuffer> y, ffi::ResultBuffer<ffi::F32> mean,
                     ffi::ResultBuffer<ffi::F32> var) {
   int64_t rows, c;
@@ -250,6 +285,13 @@ ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
       mean->element_count() != static_cast<size_t>(groups * c) ||
       var->element_count() != static_cast<size_t>(groups * c))
     return ffi::Error::InvalidArgument("scale, bias, y, mean or var do not match x's shape");
+  Renorm renorm;
+  if (limits.element_count() != 0) {
+    if (limits.element_count() != 2 || reference_mean.element_count() != static_cast<size_t>(c) ||
+        reference_var.element_count() != static_cast<size_t>(c))
+      return ffi::Error::InvalidArgument("renorm needs C reference means and variances, 2 limits");
+    renorm = {reference_mean.typed_data(), reference_var.typed_data(), limits.typed_data()};
+  }
   const auto tx = x.element_type(), ty = y->element_type();
   if ((tx != ffi::DataType::F32 && tx != ffi::DataType::BF16) ||
       (ty != ffi::DataType::F32 && ty != ffi::DataType::BF16))
@@ -262,16 +304,16 @@ ffi::Error Dispatch(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32
     float *m = mean->typed_data() + g * c, *v = var->typed_data() + g * c;
     using BF = uint16_t;
     if (tx == ffi::DataType::F32 && ty == ffi::DataType::F32)
-      Forward(pool, reinterpret_cast<const float*>(in), s, b, epsilon, rows, c,
+      Forward(pool, reinterpret_cast<const float*>(in), s, b, renorm, epsilon, rows, c,
               reinterpret_cast<float*>(out), m, v);
     else if (tx == ffi::DataType::BF16 && ty == ffi::DataType::BF16)
-      Forward(pool, reinterpret_cast<const BF*>(in), s, b, epsilon, rows, c,
+      Forward(pool, reinterpret_cast<const BF*>(in), s, b, renorm, epsilon, rows, c,
               reinterpret_cast<BF*>(out), m, v);
     else if (tx == ffi::DataType::BF16)
-      Forward(pool, reinterpret_cast<const BF*>(in), s, b, epsilon, rows, c,
+      Forward(pool, reinterpret_cast<const BF*>(in), s, b, renorm, epsilon, rows, c,
               reinterpret_cast<float*>(out), m, v);
     else
-      Forward(pool, reinterpret_cast<const float*>(in), s, b, epsilon, rows, c,
+      Forward(pool, reinterpret_cast<const float*>(in), s, b, renorm, epsilon, rows, c,
               reinterpret_cast<BF*>(out), m, v);
   }
   return ffi::Error::Success();
@@ -283,6 +325,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NormjaxBatchNormForward, Dispatch,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("epsilon")

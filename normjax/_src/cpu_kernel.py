@@ -4,12 +4,12 @@ XLA:CPU runs each of a training forward's sums as its own pass over `x` and the 
 third (flax.linen's E[x²]−E[x]² too: 3 reads of `x` and a write of `y`, in 6 kernels), and an accurate
 one-pass variance costs it a conditional (see `lowering.py`). Two XLA FFI kernels replace that:
 
-  * `statistics_and_normalize` (a step without mask, `axis_name` or renorm; consecutive ghost batches
-    each get their own statistics) reads `x` twice: once for shifted sums (a second, two-pass read
+  * `statistics_and_normalize` (a step without mask or `axis_name`; consecutive ghost batches each
+    get their own statistics; Batch Renormalization's corrections folded in) reads `x` twice: once for shifted sums (a second, two-pass read
     only for features whose mean lies more than 3 standard deviations from the shift, decided inside
     the kernel) and once to write `y`.
   * `moments` computes the same statistics only, over the rows a mask keeps: `stats.moments_and_count`
-    calls it on a CPU for every features-last reduction it handles (renorm, masks, `axis_name`, where
+    calls it on a CPU for every features-last reduction it handles (masks, `axis_name`, where
     the devices' moments are combined exactly by Chan's formula), and XLA normalizes.
 
 Both split the rows over XLA's intra-op thread pool; results are bitwise reproducible on one machine
@@ -185,7 +185,9 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def statistics_and_normalize(x, scale, bias, *, epsilon: float, dtype=None, grouped: bool = False):
+def statistics_and_normalize(
+  x, scale, bias, *, epsilon: float, dtype=None, grouped: bool = False, renorm=None
+):
   """`(y, mean, var)` of a BatchNorm training step over every axis of `x` but the last, on a CPU.
 
   Args:
@@ -195,6 +197,10 @@ def statistics_and_normalize(x, scale, bias, *, epsilon: float, dtype=None, grou
     dtype: `y`'s dtype (default `x.dtype`).
     grouped: axis 0 indexes groups (BatchNorm's ghost batches), each normalized by its own
       statistics over the other axes but the last.
+    renorm: None, or Batch Renormalization's `(running_mean, running_var, r_max, d_max)` (float32
+      `(C,)`, `(C,)` and scalars): each group's corrections `r = clip(sqrt((var + ε)/(running_var +
+      ε)), 1/r_max, r_max)` and `d = clip((mean − running_mean)·rsqrt(running_var + ε), −d_max,
+      d_max)` (`renorm.clipped_corrections`) fold into the affine: scale·r and bias + scale·d.
 
   Returns:
     `y` of `x`'s shape in `dtype` (`(x − mean)·(scale·rsqrt(var + epsilon)) + bias`, rounded once) and
@@ -211,8 +217,19 @@ def statistics_and_normalize(x, scale, bias, *, epsilon: float, dtype=None, grou
     TARGET, (jax.ShapeDtypeStruct(x.shape, dtype), vector, vector), vmap_method="sequential"
   )
   as_vector = lambda v: compat.vary_like(x, jnp.asarray(v, jnp.float32).reshape(features))  # noqa: E731
+  if renorm is None:
+    reference = (compat.vary_like(x, jnp.zeros((0,), jnp.float32)),) * 3
+  else:
+    running_mean, running_var, r_max, d_max = renorm
+    limits = jnp.stack([jnp.asarray(r_max, jnp.float32), jnp.asarray(d_max, jnp.float32)])
+    reference = (as_vector(running_mean), as_vector(running_var), compat.vary_like(x, limits))
   results = call(
-    x, as_vector(scale), as_vector(bias), epsilon=np.float32(epsilon), groups=np.int64(groups)
+    x,
+    as_vector(scale),
+    as_vector(bias),
+    *reference,
+    epsilon=np.float32(epsilon),
+    groups=np.int64(groups),
   )
   # under shard_map, typed as varying like x (as they are: each device computes its own)
   return tuple(compat.vary_like(x, r) for r in results)

@@ -41,6 +41,7 @@ from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
 from normjax._src import cpu_kernel
 from normjax._src import pallas_batch_norm
+from normjax._src import renorm as renorm_lib
 from normjax._src import stats
 
 
@@ -312,13 +313,14 @@ def statistics_and_normalize(
   budget=None,
   kernel: str = "pallas",
   grouped: bool = False,
+  renorm=None,
 ):
   """`(y, mean, var)` of a training step from a kernel, with the closed-form derivative.
 
   `kernel="pallas"`: the Pallas TPU kernel (`pallas_batch_norm.statistics_and_normalize`) reads `x`
   once for the statistics and the normalization; `kernel="cpu"`: the XLA:CPU custom call
-  (`cpu_kernel.statistics_and_normalize`) reads it twice. Its derivative is the rule of `normalize_training` (one group, no mask, no renorm),
-  evaluated by XLA: forward mode and higher orders work, and reverse mode runs the portable
+  (`cpu_kernel.statistics_and_normalize`) reads it twice. Its derivative is the rule of
+  `normalize_training` (no mask; renorm's r and d constant), evaluated by XLA: forward mode and higher orders work, and reverse mode runs the portable
   closed-form backward. The statistics' tangents are `Σ dx / n` and `2 Σ (x − μ)·dx / n`.
 
   Args:
@@ -328,6 +330,8 @@ def statistics_and_normalize(
       kernel takes only `epsilon` and `dtype`).
     kernel: "pallas" or "cpu".
     grouped: axis 0 indexes groups (ghost batches), each with its own statistics (`kernel="cpu"`).
+    renorm: None, or Batch Renormalization's `(running_mean, running_var, r_max, d_max)`
+      (`kernel="cpu"`; see `cpu_kernel.statistics_and_normalize`). No derivative flows to them.
 
   Returns:
     `y` in `dtype`, float32 `(C,)` mean and biased variance (`(G, C)` when `grouped`).
@@ -343,19 +347,26 @@ def statistics_and_normalize(
   dtype = jnp.dtype(dtype if dtype is not None else x.dtype)
   if kernel not in ("pallas", "cpu"):
     raise ValueError(f"kernel={kernel!r} must be 'pallas' or 'cpu'")
-  if grouped and kernel != "cpu":
-    raise ValueError(f"grouped=True needs kernel='cpu', not {kernel!r}")
+  if (grouped or renorm is not None) and kernel != "cpu":
+    option = "grouped=True" if grouped else "renorm"
+    raise ValueError(f"{option} needs kernel='cpu', not {kernel!r}")
   config = _KernelConfig(float(epsilon), dtype, bool(interpret), budget, kernel, bool(grouped))
-  return _kernel_with_rule(config, x, scale, bias)
+  return _kernel_with_rule(config, x, scale, bias, renorm)
 
 
-def _run_kernel(config, x, scale, bias):
+def _run_kernel(config, x, scale, bias, renorm):
   features = x.shape[-1]
   scale = jnp.ones((features,), jnp.float32) if scale is None else scale
   bias = jnp.zeros((features,), jnp.float32) if bias is None else bias
   if config.kernel == "cpu":
     return cpu_kernel.statistics_and_normalize(
-      x, scale, bias, epsilon=config.epsilon, dtype=config.dtype, grouped=config.grouped
+      x,
+      scale,
+      bias,
+      epsilon=config.epsilon,
+      dtype=config.dtype,
+      grouped=config.grouped,
+      renorm=renorm,
     )
   return pallas_batch_norm.statistics_and_normalize(
     x,
@@ -372,9 +383,9 @@ _kernel_with_rule = jax.custom_jvp(_run_kernel, nondiff_argnums=(0,))
 
 
 def _kernel_jvp(config, primals, tangents):
-  x, scale, bias = primals
-  dx, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents)
-  y, mean, var = _kernel_with_rule(config, x, scale, bias)  # itself: higher orders work
+  x, scale, bias, renorm = primals  # renorm's reference statistics and limits: no tangent
+  dx, dscale, dbias = (None if isinstance(t, SymbolicZero) else t for t in tangents[:3])
+  y, mean, var = _kernel_with_rule(config, x, scale, bias, renorm)  # itself: higher orders work
   axes = tuple(range(1 if config.grouped else 0, x.ndim - 1))
   count = stats.valid_count(x.shape, axes, None)  # keepdims (per group), a NumPy constant
   keep = count.shape
@@ -385,19 +396,25 @@ def _kernel_jvp(config, primals, tangents):
   m, v = mean.reshape(keep), var.reshape(keep)
   per_feature = (1,) * (x.ndim - 1) + x.shape[-1:]
   reshaped = lambda a: None if a is None else a.reshape(per_feature)  # noqa: E731
+  r = d = None
+  if renorm is not None:  # the kernel's corrections, recomputed from its statistics (constants)
+    running_mean, running_var, r_max, d_max = renorm
+    r, d = renorm_lib.clipped_corrections(
+      m, v, reshaped(running_mean), reshaped(running_var), r_max, d_max, epsilon=config.epsilon
+    )
   tangents = jax.checkpoint(functools.partial(_kernel_tangents, rule, count), prevent_cse=False)
-  dy, dmean, dvar = tangents(x, m, v, reshaped(scale), dx, reshaped(dscale), reshaped(dbias))
+  dy, dmean, dvar = tangents(x, m, v, reshaped(scale), r, d, dx, reshaped(dscale), reshaped(dbias))
   if dmean is not None:
     dmean, dvar = dmean.reshape(mean.shape), dvar.reshape(var.shape)
   return (y, mean, var), (dy, zeros if dmean is None else dmean, zeros if dvar is None else dvar)
 
 
-def _kernel_tangents(rule, count, x, mean, var, scale, dx, dscale, dbias):
+def _kernel_tangents(rule, count, x, mean, var, scale, r, d, dx, dscale, dbias):
   """`(dy, dmean, dvar)`: the closed-form `dy` and the statistics' tangents, from `x` and per-feature
   values only (checkpointed: reverse mode keeps `x` and no full-size intermediate). `count` is the
   NumPy constant of elements per feature."""
   rstd = jax.lax.rsqrt(var + rule.epsilon)
-  dy = _tangent(rule, x, None, mean, var, count, rstd, scale, None, None, dx, dscale, dbias)
+  dy = _tangent(rule, x, None, mean, var, count, rstd, scale, r, d, dx, dscale, dbias)
   if dx is None:
     return dy, None, None
   u, n = dx.astype(jnp.float32), float(count.flat[0])

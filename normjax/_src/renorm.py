@@ -58,6 +58,11 @@ def _value(value: ScalarOrSchedule, step: jax.Array) -> jax.Array:
   return jnp.asarray(value(step) if callable(value) else value, jnp.float32)
 
 
+def limits(r_max: ScalarOrSchedule, d_max: ScalarOrSchedule, step) -> tuple:
+  """`(r_max, d_max)` as float32 scalars at BatchNorm step `step` (a schedule is evaluated there)."""
+  return _value(r_max, step), _value(d_max, step)
+
+
 def corrections(
   batch_mean,
   batch_var,
@@ -74,9 +79,28 @@ def corrections(
   σ_B = sqrt(batch_var + ε) and σ = sqrt(running_var + ε), the moving σ of Algorithm 1 (the running
   variance stores σ² − ε, see `running_var_update`). Then
   `γ·((x−μ_B)/σ_B·r + d) + β = (x−μ_B)·(γ r)/σ_B + (γ d + β)`, so renorm is plain normalization with the
-  scale multiplied by `r` and `γ d` added to the bias.
+  scale multiplied by `r` and `γ d` added to the bias. `r_max` and `d_max` are read at `step`
+  (`limits`); the rest is `clipped_corrections`.
   """
-  r_limit, d_limit = _value(r_max, step), _value(d_max, step)
+  r_limit, d_limit = limits(r_max, d_max, step)
+  return clipped_corrections(
+    batch_mean, batch_var, running_mean, running_var, r_limit, d_limit, epsilon=epsilon
+  )
+
+
+def clipped_corrections(
+  batch_mean, batch_var, running_mean, running_var, r_limit, d_limit, *, epsilon: float
+):
+  """`corrections` for given limits (what the CPU kernel computes in C++ with the same operations).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from normjax._src import renorm
+    >>> r, d = renorm.clipped_corrections(jnp.array([2.0]), jnp.array([16.0]), jnp.array([0.0]),
+    ...                                   jnp.array([1.0]), 3.0, 1.0, epsilon=0.0)
+    >>> float(r[0]), float(d[0])  # σ_B/σ = 4 clipped to 3; (μ_B − μ)/σ = 2 clipped to 1
+    (3.0, 1.0)
+  """
   # Each correction takes its own root (σ_B/σ = sqrt((σ²_B + ε)/(σ² + ε)), 1/σ = rsqrt(σ² + ε)), so no
   # square root is shared between them: XLA:CPU keeps a shared root in a kernel of its own.
   r = jnp.sqrt((batch_var + epsilon) / (running_var + epsilon))
