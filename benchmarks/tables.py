@@ -243,6 +243,7 @@ def _import_registrants():
     "benchmarks._cpu_tables",
     "benchmarks.cpu_kernels",
     "benchmarks.cpu_reductions",
+    "benchmarks.dispatch",
     "benchmarks.gpu_suite",
     "benchmarks.tpu_compile",
   ):
