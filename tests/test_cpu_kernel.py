@@ -252,6 +252,20 @@ def test_derivatives_forward_and_reverse(options):
   check_grads(f, (params, x), order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
 
 
+def test_statistics_tangents_per_group():
+  """Forward mode through the kernel's statistics (ghost groups): the tangents of each group's mean
+  and variance equal those of jnp.mean / jnp.var."""
+  x, scale, bias = _inputs((3, 4, 5, 6), "float32", mean=2.0)
+  dx = jnp.asarray(helpers.normal_data(x.shape, seed=4))
+  kernel = functools.partial(
+    fused_batch_norm.statistics_and_normalize, epsilon=EPS, kernel="cpu", grouped=True
+  )
+  _, (_, dmean, dvar) = jax.jvp(lambda x: kernel(x, scale, bias), (x,), (dx,))
+  _, (want_dmean, want_dvar) = jax.jvp(lambda x: (x.mean((1, 2)), x.var((1, 2))), (x,), (dx,))
+  np.testing.assert_allclose(dmean, want_dmean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dvar, want_dvar, rtol=1e-4, atol=1e-5)
+
+
 def test_renorm_references_hold_with_the_kernel():
   """Batch Renormalization through the kernel (r and d folded into its affine): test_renorm's
   float64 references (Ioffe's Algorithm 1 as Keras implements it, with and without clipping; ghost

@@ -417,9 +417,7 @@ def _kernel_tangents(rule, count, x, mean, var, scale, r, d, dx, dscale, dbias):
   dy = _tangent(rule, x, None, mean, var, count, rstd, scale, r, d, dx, dscale, dbias)
   if dx is None:
     return dy, None, None
-  u, n = dx.astype(jnp.float32), float(count.flat[0])
-  dmean = jnp.sum(u, rule.reduce_axes) / n
-  dvar = 2.0 * jnp.sum((x.astype(jnp.float32) - mean) * u, rule.reduce_axes) / n
+  dmean, dvar = cpu_kernel.moments_tangents(x, mean, dx, rule.reduce_axes)
   return dy, dmean, dvar
 
 
