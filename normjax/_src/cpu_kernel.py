@@ -5,9 +5,9 @@ third (flax.linen's E[x²]−E[x]² too: 3 reads of `x` and a write of `y`, in 6
 one-pass variance costs it a conditional (see `lowering.py`). Two XLA FFI kernels replace that:
 
   * `statistics_and_normalize` (a step without mask or `axis_name`; consecutive ghost batches each
-    get their own statistics; Batch Renormalization's corrections folded in) reads `x` twice: once for shifted sums (a second, two-pass read
-    only for features whose mean lies more than 3 standard deviations from the shift, decided inside
-    the kernel) and once to write `y`.
+    get their own statistics; Batch Renormalization's corrections folded in) reads `x` twice: once
+    for shifted sums (a second, two-pass read only for features whose mean lies more than 3
+    standard deviations from the shift, decided inside the kernel) and once to write `y`.
   * `moments` computes the same statistics only, over the rows a mask keeps: `stats.moments_and_count`
     calls it on a CPU for every features-last reduction it handles (masks, `axis_name`, where
     the devices' moments are combined exactly by Chan's formula), and XLA normalizes.
