@@ -320,8 +320,9 @@ def statistics_and_normalize(
   `kernel="pallas"`: the Pallas TPU kernel (`pallas_batch_norm.statistics_and_normalize`) reads `x`
   once for the statistics and the normalization; `kernel="cpu"`: the XLA:CPU custom call
   (`cpu_kernel.statistics_and_normalize`) reads it twice. Its derivative is the rule of
-  `normalize_training` (no mask; renorm's r and d constant), evaluated by XLA: forward mode and higher orders work, and reverse mode runs the portable
-  closed-form backward. The statistics' tangents are `Σ dx / n` and `2 Σ (x − μ)·dx / n`.
+  `normalize_training` (no mask; renorm's r and d constant), evaluated by XLA: forward mode and
+  higher orders work, and reverse mode runs the portable closed-form backward. The statistics'
+  tangents are `Σ dx / n` and `2 Σ (x − μ)·dx / n` (`cpu_kernel.moments_tangents`).
 
   Args:
     x: features last, with `pallas_batch_norm.fits(x.shape, x.dtype, dtype, budget)`.
