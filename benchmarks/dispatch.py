@@ -1,26 +1,31 @@
-"""The per-call cost of each framework's variables: where the evaluation rows' offset comes from.
+"""The per-call cost of each framework's variables: where the evaluation rows' offset came from.
 
 BatchNorm's evaluation compiles to exactly flax.linen's program (`tests/test_lowering.py`,
-`test_cpu_evaluation_compiles_to_flax_linens_program`: the optimized HLO is identical up to names), yet `op_batch_norm`'s evaluation rows put normjax
-1-3 % above flax. A jitted call also flattens its arguments and looks up the compiled program by
-their structure, and with the caches flushed before every call (as `op_batch_norm` does) that
-host-side work is slow: about 0.25 ms for a call whose program takes a few µs. This script calls the
-evaluation of a tiny activation (8×1×1×64: the program's own time is negligible) with each
-framework's variables and times the calls as `op_batch_norm` does (`_common.time_paired`, 600
-rounds, caches flushed before every call, and again without flushing):
+`test_cpu_evaluation_compiles_to_flax_linens_program`: the optimized HLO is identical up to names),
+yet `op_batch_norm`'s evaluation rows had put normjax 1-3 % above flax. A jitted call also flattens
+its arguments and looks up the compiled program by their structure, and with the caches flushed
+before every call (as `op_batch_norm` does) that host-side work is slow: about 0.25 ms for a call
+whose program takes a few µs. This script calls the evaluation of a tiny activation (8×1×1×64: the
+program's own time is negligible) with each framework's variables and times the calls as
+`op_batch_norm` does (`_common.time_paired`, 1000 rounds, caches flushed before every call, and
+again without flushing):
 
   * `flax`: `layer.apply({"params": ..., "batch_stats": {"mean", "var"}}, x)`;
   * `normjax`: `bn.apply(params, state, x, training=False)` with `state` a `BatchNormState(mean, var,
-    count)` (a NamedTuple, as optax's states: a custom node to JAX's pytree code);
-  * `normjax, state as a tuple`: the same program, the state's three arrays passed as a plain tuple
-    (a node the pytree code handles natively);
+    count)`, a NamedTuple registered with JAX by its fields (`normjax/_src/state_types.py`), so
+    jaxlib finds it by one lookup of its type;
+  * `normjax, state as an unregistered NamedTuple`: the same three arrays in a NamedTuple JAX does
+    not know, which jaxlib recognizes by probing for `_fields` on every call (what `BatchNormState`
+    was before `state_types`);
+  * `normjax, state as a tuple`: the same program, the state's three arrays passed as a plain tuple;
   * `normjax, no count`: the same program, the state as a dict of `mean` and `var` only.
 
 Usage:
-  python -m benchmarks.dispatch                # about a minute
+  python -m benchmarks.dispatch                # about two minutes
 """
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,6 +48,14 @@ COLUMNS = [
 SHAPE = (8, 1, 1, 64)
 
 
+class UnregisteredState(NamedTuple):
+  """`BatchNormState`'s fields in a NamedTuple that JAX identifies by probing for `_fields`."""
+
+  mean: jax.Array  # f32[C]
+  var: jax.Array  # f32[C]
+  count: jax.Array  # i32[]
+
+
 def calls():
   """name -> a zero-argument call of the evaluation, with that framework's variables bound."""
   x = jnp.ones(SHAPE, jnp.float32)
@@ -52,6 +65,7 @@ def calls():
   variables = layer.init(jax.random.key(0), x, use_running_average=True)
   flax_eval = jax.jit(lambda v, x: layer.apply(v, x, use_running_average=True))
   normjax_eval = jax.jit(lambda p, s, x: bn.apply(p, s, x, training=False)[0])
+  unregistered = jax.jit(lambda p, s, x: bn.apply(p, BatchNormState(*s), x, training=False)[0])
   as_tuple = jax.jit(lambda p, s, x: bn.apply(p, BatchNormState(*s), x, training=False)[0])
   no_count = jax.jit(
     lambda p, s, x: bn.apply(
@@ -61,6 +75,9 @@ def calls():
   return {
     "flax": functools.partial(flax_eval, variables, x),
     "normjax": functools.partial(normjax_eval, params, state, x),
+    "normjax, state as an unregistered NamedTuple": functools.partial(
+      unregistered, params, UnregisteredState(*state), x
+    ),
     "normjax, state as a tuple": functools.partial(as_tuple, params, tuple(state), x),
     "normjax, no count": functools.partial(
       no_count, params, {"mean": state.mean, "var": state.var}, x
@@ -95,7 +112,7 @@ def _table():
 def main():
   p = _common.parser("dispatch", __doc__.splitlines()[0])
   args = p.parse_args()
-  repeats = args.repeats or (10 if args.quick else 600)
+  repeats = args.repeats or (10 if args.quick else 1000)
   rows = [row for flush in (True, False) for row in run(repeats, flush)]
   print(tables.text(rows, COLUMNS))
   _common.write_json(args.out, {"benchmark": "dispatch", "rows": rows, "repeats": repeats})

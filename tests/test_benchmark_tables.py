@@ -1,11 +1,15 @@
-"""BENCHMARKS.md's tables are what `benchmarks/results/*.json` give (`python -m benchmarks.tables`)."""
+"""BENCHMARKS.md's tables are what `benchmarks/results/*.json` give (`python -m benchmarks.tables`),
+and the statistics behind their intervals (`benchmarks/_common.median_interval`)."""
 
 import os
 import subprocess
 import sys
+from fractions import Fraction
+from math import comb
 
 import pytest
 
+from benchmarks import _common
 from benchmarks import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,3 +48,21 @@ def test_check_fails_when_a_table_is_edited_by_hand(tmp_path):
 def test_an_unknown_table_name_is_an_error():
   with pytest.raises(KeyError, match="no_such_table"):
     tables.rewrite("<!-- table: no_such_table -->\nx\n<!-- end table -->\n")
+
+
+def test_median_interval_of_a_small_sample():
+  assert _common.median_interval([0.9, 1.0, 1.1, 1.2, 0.95, 1.05, 1.0, 0.98, 1.02, 1.01]) == (
+    0.95,
+    1.1,
+  )
+
+
+@pytest.mark.parametrize("n", [1000, 1024, 3000])
+def test_median_interval_covers_95_percent_past_a_thousand_rounds(n):
+  """Exact binomial coverage of the returned ranks, beyond n = 1023 where 2.0**n overflows."""
+  lo, hi = _common.median_interval(list(range(n)))
+  k = lo + 1  # the 1-based rank of the lower bound; the upper one mirrors it
+  assert hi == n - k
+  coverage = lambda k: 1 - 2 * Fraction(sum(comb(n, j) for j in range(k)), 2**n)
+  assert coverage(k) >= Fraction(95, 100) > coverage(k + 1)
+  assert abs(k - (n / 2 - 1.96 * n**0.5 / 2)) < 2  # the normal approximation's rank

@@ -28,11 +28,13 @@ from normjax._src import normalize as normalize_lib
 from normjax._src import pallas_batch_norm
 from normjax._src import renorm as renorm_lib
 from normjax._src import running
+from normjax._src import state_types
 from normjax._src import stats
 from normjax._src import transform
 from normjax._src import validation
 
 
+@state_types.registered_state
 class BatchNormState(NamedTuple):
   """Running statistics of a BatchNorm layer (float32 whatever the input dtype)."""
 

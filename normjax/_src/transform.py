@@ -3,6 +3,7 @@
 from typing import Any, Callable, NamedTuple
 
 from normjax._src import modes
+from normjax._src import state_types
 
 
 class Transform(NamedTuple):
@@ -18,6 +19,7 @@ class Transform(NamedTuple):
   apply: Callable[..., Any]
 
 
+@state_types.registered_state
 class EmptyState(NamedTuple):
   """The state of a stateless normalization (layer, group, instance, RMS norm)."""
 

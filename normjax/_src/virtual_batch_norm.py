@@ -9,11 +9,13 @@ import jax.numpy as jnp
 
 from normjax._src import batch_norm as bn_lib
 from normjax._src import normalize as normalize_lib
+from normjax._src import state_types
 from normjax._src import stats
 from normjax._src import transform
 from normjax._src import validation
 
 
+@state_types.registered_state
 class VirtualBatchNormState(NamedTuple):
   """Statistics of the fixed reference batch (float32)."""
 

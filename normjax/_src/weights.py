@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from normjax._src import constraints
 from normjax._src import normalize as normalize_lib
+from normjax._src import state_types
 from normjax._src import stats
 from normjax._src import transform
 from normjax._src import validation
@@ -32,6 +33,7 @@ class WeightTransform(NamedTuple):
   apply: Callable[..., Any]
 
 
+@state_types.registered_state
 class SpectralNormState(NamedTuple):
   """Power-iteration state of spectral normalization (float32)."""
 
