@@ -3,6 +3,7 @@ derivatives, and the BatchNorm variants whose statistics it computes on a CPU (m
 `axis_name` on 8 real CPU devices) against the XLA program."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,31 @@ def test_forward_programs_stay_within_eight_kernels(dtype, options, masked):
   assert cpu_kernel.MOMENTS_TARGET in text
   programs = hlo_stats.sequences(text)
   assert len(programs) == 3 and max(programs.values()) <= 8, programs
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_synchronized_forward_sums_both_moments_in_one_kernel(dtype):
+  """Under `shard_map`, the per-device raw moments leave as one stacked (2, C) operand of one
+  all-reduce (one kernel computes both), and the outer program keeps 7 kernels: the moments kernel,
+  the stacking, the all-reduce, the precision check (2), the conditional and the normalize pass."""
+  x = jnp.ones((8, 7, 7, 32), dtype)
+  bn = normjax.batch_norm(momentum=0.9, axis_name="batch")
+  params, state = bn.init(x)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+  fwd = jax.shard_map(
+    lambda p, s, x: bn.apply(p, s, x, training=True),
+    mesh=mesh,
+    in_specs=(P(), P(), P("batch")),
+    out_specs=(P("batch"), P()),
+  )
+  text = jax.jit(fwd).lower(params, state, x).compile().as_text()
+  assert cpu_kernel.MOMENTS_TARGET in text
+  entry = text[text.index("ENTRY") :]
+  entry = entry[: entry.index("\n}")]
+  reduces = [line for line in entry.splitlines() if " all-reduce(" in line]
+  assert len(reduces) == 1, reduces
+  assert re.search(r"= f32\[2,(1,)*32\]", reduces[0]), reduces  # both moments, each of C floats
+  assert hlo_stats.sequences(text)["ENTRY"] <= 7, hlo_stats.sequences(text)
 
 
 def test_groups_must_divide_the_batch():

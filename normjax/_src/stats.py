@@ -354,20 +354,21 @@ def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, fin
     return finish(_combine(count, mean, var * count, axis_name, groups))
   del shift  # as `_shifted_cpu`: plain sums and a check (a shift would add kernels to compute it)
   weighted = jnp.where(count > 0, count * mean, 0.0)
-  sums = (count, weighted, jnp.where(count > 0, count * var, 0.0) + weighted * mean)
-  total, s1, s2 = collectives.cross_device_sum(sums, axis_name)
+  # one stacked operand: one kernel computes both sums, and the slices fuse into their consumers
+  raw = jnp.stack([weighted, jnp.where(count > 0, count * var, 0.0) + weighted * mean])
+  total, raw = collectives.cross_device_sum((count, raw), axis_name)
 
-  def keep(total, s1, s2, mean, var):
-    return finish(_from_shifted_sums(total, s1, s2, 0.0))
+  def keep(total, raw, mean, var):
+    return finish(_from_shifted_sums(total, raw[0], raw[1], 0.0))
 
-  def second_round(total, s1, s2, mean, var):
-    global_mean = _safe_divide(s1, total)
+  def second_round(total, raw, mean, var):
+    global_mean = _safe_divide(raw[0], total)
     spread = jnp.where(count > 0, count * (var + jnp.square(mean - global_mean)), 0.0)
     m2 = collectives.cross_device_sum(spread, axis_name)
     return finish((global_mean, _safe_divide(m2, total), total))
 
-  operands = (total, s1, s2, mean, var)
-  return lowering.cond_with_1d_results(_plain_sums_ok(total, s1, s2), keep, second_round, *operands)
+  precise = _plain_sums_ok(total, raw[0], raw[1])
+  return lowering.cond_with_1d_results(precise, keep, second_round, total, raw, mean, var)
 
 
 def _static_counts(count, axis_name):
