@@ -4,8 +4,9 @@ Every call of a jitted function flattens its arguments. jaxlib finds a `dict`, `
 type by one lookup of its exact type, but recognizes a NamedTuple only by probing it for a `_fields`
 attribute, a generic Python attribute lookup on every call. With the CPU caches flushed before each
 call, as `benchmarks/op_batch_norm.py` times, that probe cost about 7 µs per state argument on the
-2-core AMD EPYC VM (`benchmarks/dispatch.py`; jax 0.10.2). That was the whole 1-3 % by which the
-evaluation rows, whose compiled program is flax.linen's own, trailed flax.
+2-core AMD EPYC VM (`benchmarks/dispatch.py`; jax 0.10.2): the 1-3 % by which the evaluation rows,
+whose compiled program is flax.linen's own, trailed flax. Registered, they sit at the benchmark's
+A/A level (BENCHMARKS.md).
 
 `registered_state` registers a state NamedTuple with `jax.tree_util.register_dataclass`, its fields as
 data fields. Nothing else changes: the state is still a NamedTuple (a tuple, `_replace`, positional
