@@ -155,11 +155,10 @@ def median_interval(values, confidence: float = 0.95) -> tuple:
   """
   v, n = sorted(values), len(values)
   below = 0.0  # P(Binomial(n, 1/2) < k) for the current k
+  outcomes = 1 << n  # an exact integer: 2.0**n overflows past n = 1023
   k = 0
   while k < n // 2:
-    below_next = below + math.comb(n, k) / (
-      1 << n
-    )  # exact integers: 2.0**n overflows past n = 1023
+    below_next = below + math.comb(n, k) / outcomes
     if 1.0 - 2.0 * below_next < confidence:
       break
     below, k = below_next, k + 1

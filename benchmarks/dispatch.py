@@ -65,8 +65,8 @@ def calls():
   variables = layer.init(jax.random.key(0), x, use_running_average=True)
   flax_eval = jax.jit(lambda v, x: layer.apply(v, x, use_running_average=True))
   normjax_eval = jax.jit(lambda p, s, x: bn.apply(p, s, x, training=False)[0])
-  unregistered = jax.jit(lambda p, s, x: bn.apply(p, BatchNormState(*s), x, training=False)[0])
-  as_tuple = jax.jit(lambda p, s, x: bn.apply(p, BatchNormState(*s), x, training=False)[0])
+  # the state's arrays in another container, rebuilt into a BatchNormState inside: the same program
+  rebuilt = jax.jit(lambda p, s, x: bn.apply(p, BatchNormState(*s), x, training=False)[0])
   no_count = jax.jit(
     lambda p, s, x: bn.apply(
       p, BatchNormState(s["mean"], s["var"], jnp.zeros((), jnp.int32)), x, training=False
@@ -76,9 +76,9 @@ def calls():
     "flax": functools.partial(flax_eval, variables, x),
     "normjax": functools.partial(normjax_eval, params, state, x),
     "normjax, state as an unregistered NamedTuple": functools.partial(
-      unregistered, params, UnregisteredState(*state), x
+      rebuilt, params, UnregisteredState(*state), x
     ),
-    "normjax, state as a tuple": functools.partial(as_tuple, params, tuple(state), x),
+    "normjax, state as a tuple": functools.partial(rebuilt, params, tuple(state), x),
     "normjax, no count": functools.partial(
       no_count, params, {"mean": state.mean, "var": state.var}, x
     ),

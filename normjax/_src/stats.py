@@ -363,8 +363,7 @@ def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, fin
 
   def second_round(total, raw, mean, var):
     global_mean = _safe_divide(raw[0], total)
-    spread = jnp.where(count > 0, count * (var + jnp.square(mean - global_mean)), 0.0)
-    m2 = collectives.cross_device_sum(spread, axis_name)
+    m2 = _m2_about(global_mean, count, mean, count * var, axis_name, None)
     return finish((global_mean, _safe_divide(m2, total), total))
 
   precise = _plain_sums_ok(total, raw[0], raw[1])
@@ -403,12 +402,18 @@ def _combine(count, local_mean, m2, axis_name, groups):
   if axis_name is not None:
     total, weighted = collectives.cross_device_sum((count, count * local_mean), axis_name, groups)
     mean = _safe_divide(weighted, total)
-    spread = m2 + count * jnp.square(local_mean - mean)
-    m2 = collectives.cross_device_sum(jnp.where(count > 0, spread, 0.0), axis_name, groups)
+    m2 = _m2_about(mean, count, local_mean, m2, axis_name, groups)
     count = total
   else:
     mean = local_mean
   return mean, jnp.maximum(_safe_divide(m2, count), 0.0), count
+
+
+def _m2_about(mean, count, local_mean, m2, axis_name, groups):
+  """Chan's second round: the devices' squared deviations from the global `mean`, summed over
+  `axis_name` (exact for any per-device counts; a device without a valid element adds 0)."""
+  spread = m2 + count * jnp.square(local_mean - mean)
+  return collectives.cross_device_sum(jnp.where(count > 0, spread, 0.0), axis_name, groups)
 
 
 def _fast(x, axes, mask, count, axis_name, groups):
