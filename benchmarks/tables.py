@@ -244,6 +244,7 @@ def _import_registrants():
     "benchmarks.cpu_kernels",
     "benchmarks.cpu_reductions",
     "benchmarks.dispatch",
+    "benchmarks.eval_floor",
     "benchmarks.gpu_suite",
     "benchmarks.tpu_compile",
   ):

@@ -250,3 +250,39 @@ def test_cpu_reductions_benchmark_shows_the_materialized_intermediates(dtype, na
   compiled = cpu_reductions.compile_program(program, x, jnp.zeros((64,), jnp.float32))
   stats_ = hlo_stats.analyze(compiled.as_text(), full_numel=x.size)
   assert len(stats_["intermediates"]) == intermediates, stats_["intermediates"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_eval_floor_benchmark_times_flax_normjax_and_programs_that_do_less(dtype):
+  """`benchmarks/eval_floor.py`: flax's and normjax's evaluations are the same two kernels and the same
+  numbers (against a float64 reference); the floors are one kernel each and compute what they say."""
+  from benchmarks import eval_floor  # pylint: disable=g-import-not-at-top
+
+  x = (jax.random.normal(jax.random.key(3), (2, 4, 4, 8)) * 3.0 + 2.0).astype(dtype)
+  fns, params, stats_ = eval_floor.programs(x)
+  x64, s64 = np.asarray(x, np.float64), np.asarray(params["scale"], np.float64)
+  mean, var = np.asarray(stats_["mean"], np.float64), np.asarray(stats_["var"], np.float64)
+  scale = s64 / np.sqrt(var + eval_floor.EPSILON)
+  expected = {
+    "flax": (x64 - mean) * scale + np.asarray(params["bias"], np.float64),
+    "one pass, no rsqrt": (x64 - mean) * s64 + np.asarray(params["bias"], np.float64),
+    "one pass, one multiply": x64 * s64,
+  }
+  expected["normjax"] = expected["flax"]
+  tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+  for name, fn in fns.items():
+    y = fn(params, stats_, x)
+    assert y.dtype == dtype and y.shape == x.shape, name
+    atol = tolerance * np.abs(expected[name]).max()  # outputs near 0 (bias crosses it)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected[name], rtol=tolerance, atol=atol)
+  rows = eval_floor.run_shape(x.shape, dtype, repeats=3, input_sets=1)
+  kernels = {r["program"]: r["kernels"] for r in rows}
+  assert kernels == {
+    "flax": 2,
+    "normjax": 2,
+    "one pass, no rsqrt": 1,
+    "one pass, one multiply": 1,
+  }
+  assert all(r["ratio"] > 0 and r["ratio_lo"] <= r["ratio"] <= r["ratio_hi"] for r in rows)
+  summary = eval_floor.summary(rows)
+  assert [s["program"] for s in summary] == list(kernels) and all(s["rows"] == 1 for s in summary)
