@@ -168,6 +168,7 @@ _SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{((?:\{[0-9,]*\},?)*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{[0-9]+,[0-9]+\},?)*)\}")
 
 
 def _split_type(rest: str) -> Tuple[str, str]:
@@ -224,7 +225,10 @@ def _collective(line: str) -> Optional[dict]:
     return None
   if op.endswith("-start") and kind != "all-reduce":  # (operands, results, ...): keep the results
     type_text = _split_type(type_text[1:])[1] if type_text.startswith("(") else type_text
+    if kind == "collective-permute":  # (operand, result, u32[] context, u32[] context)
+      type_text = type_text.partition(", u32[]")[0]
   op_name = _OP_NAME.search(line)
+  pairs = _PAIRS.search(line)
   return {
     "kind": kind,
     "name": name.removeprefix("ROOT ").lstrip("%"),
@@ -233,14 +237,20 @@ def _collective(line: str) -> Optional[dict]:
     "operands": len(_SHAPE.findall(type_text)),
     "replica_groups": replica_groups(line),
     "op_name": op_name.group(1) if op_name else "",
+    "pairs": [
+      [int(i) for i in p.split(",")] for p in re.findall(r"\{([0-9]+,[0-9]+)\}", pairs.group(1))
+    ]
+    if pairs
+    else None,
   }
 
 
 def collectives(hlo_text: str) -> List[dict]:
   """Every collective instruction of an optimized HLO module (async pairs counted once, at `-start`).
 
-  Each is `{kind, name, type, bytes, operands, replica_groups, op_name}`; `bytes` is the payload (the
-  result arrays: for an all-reduce the summed operands).
+  Each is `{kind, name, type, bytes, operands, replica_groups, op_name, pairs}`; `bytes` is the
+  payload (the result arrays: for an all-reduce the summed operands, for a collective-permute the
+  array each device receives); `pairs` the [source, target] devices of a collective-permute.
   """
   found = (_collective(line) for line in hlo_text.splitlines())
   return [c for c in found if c is not None]

@@ -21,7 +21,8 @@ device, the batch split along axis 0, a fixed batch per device):
   are compiled again with the compiler's memory-space assignment (VMEM placement) off.
 
 Facts are asserted, not only printed (`check_*`): the collective rounds per synchronized layer, that
-their payloads are per-feature vectors (never an activation), the replica groups of device groups,
+their payloads are per-feature vectors (never an activation), that device groups' permutes stay
+inside the groups,
 and that per-device memory of the ResNet-50 step stays flat from 4 to 256 chips. Every failure (a
 compile error, naming layer, options, dtype, mode and slice; or a fact that does not hold) is collected
 and printed at the end, and the exit status is then 1.
@@ -467,7 +468,7 @@ def sync_layers():
     SyncLayer(
       f"normjax axis_index_groups (groups of {GROUP_SIZE})",
       _normjax_layer(axis_name=BATCH, axis_index_groups=_groups),
-      expect=(1, 1),
+      expect=(0, 1),  # statistics by permutes inside the groups; the bwd adds dscale, dbias's psum
       min_devices=2 * GROUP_SIZE,
     ),
     SyncLayer(  # backward: the BN sums over "inner", then the parameters' gradient over "outer"
@@ -507,13 +508,21 @@ def _layer_programs(apply, mesh_, data_spec, check_vma):
   return forward, backward
 
 
-def _round_summary(found, prefix):
-  """Counts, payloads and replica groups of a program's collectives, keys prefixed."""
+def _round_summary(found, prefix, group_size=None):
+  """Counts, payloads and replica groups of a program's collectives, keys prefixed; with `group_size`,
+  whether every collective-permute stays inside consecutive groups of that many devices."""
   reduces = [c for c in found if c["kind"] == "all-reduce"]
+  permutes = [c for c in found if c["kind"] == "collective-permute"]
   groups = [c["replica_groups"] for c in reduces if c["replica_groups"]]
+  pairs = [pair for c in permutes for pair in (c["pairs"] or [])]
   return {
     f"{prefix}_all_reduce": len(reduces),
-    f"{prefix}_other": len(found) - len(reduces),
+    f"{prefix}_permutes": len(permutes),
+    f"{prefix}_permute_bytes": [c["bytes"] for c in permutes],
+    f"{prefix}_permutes_inside_groups": None
+    if group_size is None
+    else all(a // group_size == b // group_size for a, b in pairs),
+    f"{prefix}_other": len(found) - len(reduces) - len(permutes),
     f"{prefix}_bytes": [c["bytes"] for c in reduces],
     f"{prefix}_group_sizes": sorted({len(g) for gs in groups for g in gs}),
     f"{prefix}_groups": sorted({len(gs) for gs in groups}),
@@ -542,8 +551,9 @@ def compile_sync_layer(layer: SyncLayer, slice_name) -> dict:
     return {**row, "status": "unsupported", "error": _error_line(error)}
   except Exception as error:  # pylint: disable=broad-except
     return {**row, "status": "failed", "error": _error_line(error)}
-  row.update(status="ok", **_round_summary(fwd.collectives, "fwd"))
-  row.update(_round_summary(both.collectives, "fwd_bwd"))
+  group_size = GROUP_SIZE if "groups" in layer.name else None
+  row.update(status="ok", **_round_summary(fwd.collectives, "fwd", group_size))
+  row.update(_round_summary(both.collectives, "fwd_bwd", group_size))
   row["bwd_all_reduce"] = row["fwd_bwd_all_reduce"] - row["fwd_all_reduce"]
   row["fwd_bwd_bytes_accessed"] = both.bytes_accessed
   return row
@@ -557,13 +567,26 @@ def check_sync_layer(layer: SyncLayer, row, failures: Failures) -> None:
       failures.check(row["fwd_bwd_all_reduce"] == 0, "no all-reduce on one device", **where)
     return
   c_vector = 4 * row["C"]  # one float32 vector of C features
-  groups = row["devices"] // GROUP_SIZE if "groups" in layer.name else 1
+  grouped = "groups" in layer.name
   check = functools.partial(failures.check, **where)
-  check(row["fwd_other"] == 0 and row["fwd_bwd_other"] == 0, "only all-reduces (no gather/permute)")
-  payloads = row["fwd_bytes"] + row["fwd_bwd_bytes"]
   check(
-    max(payloads, default=0) <= 3 * groups * c_vector + 2 * c_vector,
-    f"every payload ≤ a few C-vectors per group ({groups} group(s)), never an activation",
+    row["fwd_other"] == 0 and row["fwd_bwd_other"] == 0, "no all-gather, reduce-scatter, all-to-all"
+  )
+  if grouped:  # normjax's groups of 2: one permute round per sum (collectives.permutes_move_less)
+    check(
+      row["fwd_permutes"] == 2 and row["fwd_permute_bytes"] == [c_vector] * 2,
+      "device groups: the forward's two sums are one permute round each, of C floats",
+    )
+    check(
+      row["fwd_permutes_inside_groups"] and row["fwd_bwd_permutes_inside_groups"],
+      "device groups: every permute stays inside a group",
+    )
+  else:
+    check(row["fwd_bwd_permutes"] == 0, "no collective-permute")
+  payloads = row["fwd_bytes"] + row["fwd_bwd_bytes"] + row["fwd_bwd_permute_bytes"]
+  check(
+    max(payloads, default=0) <= 3 * c_vector,
+    "every payload ≤ 3 C-vectors, never an activation",
   )
   check(max(payloads, default=0) * 8 < row["x_bytes"], "payloads ≪ the activation")
   if layer.expect is not None:
@@ -572,9 +595,12 @@ def check_sync_layer(layer: SyncLayer, row, failures: Failures) -> None:
     check(row["bwd_all_reduce"] == bwd_rounds, f"backward: {bwd_rounds} all-reduce round(s)")
   sizes = row["fwd_group_sizes"]
   if (
-    "groups" in layer.name
-  ):  # normjax's portable groups: one psum of groups × C over the whole axis
-    check(sizes == [row["devices"]], "device groups: one replica group spanning the slice")
+    grouped
+  ):  # the forward's sums are permutes; the backward's all-reduce is the parameters' gradient
+    check(
+      sizes == [] and row["fwd_bwd_group_sizes"] == [row["devices"]],
+      "device groups: no all-reduce in the forward",
+    )
   elif layer.grid:
     check(sizes == [GROUP_SIZE], f"inner axis: replica groups of {GROUP_SIZE} devices")
   else:
@@ -1045,6 +1071,16 @@ def _groups_text(row, prefix):
   return " / ".join(f"{g} × {n}" for g, n in zip(counts, sizes)) if counts else "—"
 
 
+def _permutes_text(row):
+  fwd, both = row.get("fwd_permutes", 0), row.get("fwd_bwd_permutes", 0)
+  if not (fwd or both):
+    return "—"
+  sizes = sorted(set(row["fwd_permute_bytes"] + row["fwd_bwd_permute_bytes"]))
+  inside = row.get("fwd_bwd_permutes_inside_groups")
+  where = ", inside the groups" if inside else (", crossing groups" if inside is False else "")
+  return f"{fwd} / {both} ({_bytes_list(sizes)}{where})"
+
+
 _UNSUPPORTED = "flax: lax.pmean(axis_index_groups=) is not implemented under shard_map"
 
 
@@ -1068,6 +1104,7 @@ def _collectives_table():
         "both_b": _bytes_list(r["fwd_bwd_bytes"]),
         "bwd": r["bwd_all_reduce"],
         "groups": _groups_text(r, "fwd"),
+        "permutes": _permutes_text(r),
         "other": r["fwd_bwd_other"],
       }
     )
@@ -1081,6 +1118,7 @@ def _collectives_table():
     ("both_b", "fwd+bwd payloads (bytes)", "{}"),
     ("bwd", "added by the bwd", "{}"),
     ("groups", "fwd replica groups (count × size)", "{}"),
+    ("permutes", "collective-permutes fwd / fwd+bwd (bytes each)", "{}"),
     ("other", "other collectives", "{}"),
     ("note", "note", "{}"),
   ]

@@ -1,6 +1,8 @@
 """normjax._src.collectives: `cross_device_sum` over a named axis, with and without device groups, on 8
 real CPU devices under `jax.shard_map`, `pmap` and `vmap`, against float64 sums computed in NumPy."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -196,3 +198,81 @@ def test_common_value_averages_a_value_that_varies():
     [np.tile(np.asarray(per_device)[list(g)].mean(0), (4, 1)) for g in (range(4), range(4, 8))]
   )
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+SUMS = {  # the two ways of summing within groups; cross_device_sum picks one (permutes_move_less)
+  "permutes": collectives._sum_by_permutes,  # pylint: disable=protected-access
+  "one all-reduce": collectives._sum_by_one_all_reduce,  # pylint: disable=protected-access
+}
+GROUPED = {k: v for k, v in GROUPINGS.items()}
+
+
+@pytest.mark.parametrize("method", SUMS)
+@pytest.mark.parametrize("name", GROUPED)
+def test_each_way_of_summing_groups_under_shard_map_pmap_and_vmap(method, name):
+  groups, sum_ = GROUPED[name], SUMS[method]
+  tree = _per_device()
+  want = _want(tree, groups)
+  mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
+  local = lambda t: sum_(t, "d", groups)  # noqa: E731
+  as_arrays = {k: jnp.asarray(v) for k, v in tree.items()}
+  _check(
+    jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("d"), out_specs=P("d")))(as_arrays), want
+  )
+  _check(jax.pmap(local, axis_name="d")(tree), want)
+  _check(jax.vmap(local, axis_name="d")(tree), want)
+
+
+@pytest.mark.parametrize("name", ["pairs", "uneven", "halves_interleaved"])
+def test_permutes_give_every_member_of_a_group_the_same_bits(name):
+  """Each device adds its group's values in the group's order, so the members agree exactly (a
+  BatchNorm's branch choices and running statistics must not differ between them)."""
+  groups = GROUPINGS[name]
+  x = jnp.asarray(helpers.normal_data((N, 64), mean=1e3, seed=11))
+  got = np.asarray(
+    jax.pmap(lambda v: SUMS["permutes"](v, "d", groups), axis_name="d")(x)  # noqa: E731
+  )
+  for group in groups:
+    for member in group:
+      np.testing.assert_array_equal(got[member], got[group[0]])
+  _check({"x": got}, _want({"x": x}, groups))
+
+
+@pytest.mark.parametrize("method", SUMS)
+def test_reverse_mode_of_each_way(method):
+  groups = GROUPINGS["uneven"]
+  mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
+  x = jnp.asarray(helpers.normal_data((N, 3), seed=6))
+  w = helpers.normal_data((N, 3), seed=7)
+
+  def loss(x):
+    local = lambda v: SUMS[method]({"v": v, "n": np.ones((1,), np.float32)}, "d", groups)["v"]  # noqa: E731
+    return (jax.shard_map(local, mesh=mesh, in_specs=P("d"), out_specs=P("d"))(x) * w).sum()
+
+  grad = jax.jit(jax.grad(loss))(x)
+  np.testing.assert_allclose(grad, _want({"w": w}, groups)["w"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "name, permutes, all_reduces",
+  [("pairs", 1, 0), ("uneven", 0, 1), ("halves_interleaved", 0, 1), ("one_group", 0, 1)],
+)
+def test_cross_device_sum_picks_the_way_that_moves_less(name, permutes, all_reduces):
+  """Pairs of 8 devices: one permute round of one value (an all-reduce would carry 4 of them);
+  groups of 3–8: one all-reduce of ≤ 3 values (permutes would take 3–7 rounds)."""
+  groups = GROUPINGS[name]
+  mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
+  fn = jax.jit(
+    jax.shard_map(
+      lambda v: collectives.cross_device_sum(v, "d", groups),
+      mesh=mesh,
+      in_specs=P("d"),
+      out_specs=P("d"),
+    )
+  )
+  x = jnp.asarray(helpers.normal_data((N, 16), seed=3))
+  hlo = fn.lower(x).compile().as_text()
+  assert len(re.findall(r"collective-permute(?:-start)?\(", hlo)) == permutes, hlo
+  assert len(re.findall(r"all-reduce(?:-start)?\(", hlo)) == all_reduces, hlo
+  assert collectives.permutes_move_less(groups) == bool(permutes)
+  _check({"x": fn(x)}, _want({"x": x}, groups))

@@ -9,8 +9,9 @@ optimized HLO and the compiler's analyses say:
     first) and at most one more in forward+backward for the backward's two sums (with `stats_shift=
     "batch"` none: given `dy`, XLA merges them into the forward's second round); every payload is a
     few float32 vectors of the C features, never an activation; on one chip there is no collective;
-  * `axis_index_groups` is one all-reduce over the whole slice of a groups × C tensor (normjax's
-    portable groups), while an inner axis of a 2-D mesh gives replica groups of the group size;
+  * `axis_index_groups` in groups of 2 sums by one round of collective-permutes of C floats per sum,
+    every source and target inside a group (no all-reduce in the forward), while an inner axis of
+    a 2-D mesh gives replica groups of the group size;
   * normjax's BatchNorm fwd+bwd moves no more bytes (the compiler's cost model) than flax's;
   * registry layers and the MNIST CNN train step compile; per-device memory of the step is flat from
     4 to 16 chips at a fixed batch per device.
@@ -89,12 +90,15 @@ def test_one_chip_has_no_collective():
   assert row["status"] == "ok" and row["fwd_bwd_all_reduce"] == 0, row
 
 
-def test_device_groups_are_one_psum_of_groups_times_c_over_the_slice():
+def test_device_groups_sum_by_permutes_inside_the_groups():
   name = f"normjax axis_index_groups (groups of {tc.GROUP_SIZE})"
   row = _sync_row(name)
-  groups = row["devices"] // tc.GROUP_SIZE
-  assert row["fwd_all_reduce"] == 1 and row["fwd_group_sizes"] == [row["devices"]], row
-  assert row["fwd_bytes"] == [3 * groups * C_VECTOR], "count, Σ(x−K), Σ(x−K)² for every group"
+  assert row["fwd_all_reduce"] == 0 and row["fwd_permutes"] == 2, row
+  assert row["fwd_permute_bytes"] == [C_VECTOR] * 2, "Σ(x−K), Σ(x−K)²: one C-vector each"
+  assert row["fwd_permutes_inside_groups"] and row["fwd_bwd_permutes_inside_groups"], row
+  # the backward's only all-reduce is dscale and dbias over the whole slice (data parallel)
+  assert row["fwd_bwd_bytes"] == [2 * C_VECTOR], row
+  assert row["fwd_bwd_group_sizes"] == [row["devices"]], row
   _facts_hold(name, row)
 
 
@@ -164,14 +168,19 @@ def test_hlo_parser_reads_collectives_and_iota_replica_groups():
       "  %all-reduce = (f32[1,128]{1,0}, f32[128]{0}) all-reduce(%a, %b), channel_id=1, "
       "replica_groups={{0,1},{2,3}}, to_apply=%add",
       "  %ag = (f32[2]{0}, f32[4]{0}) all-gather-start(%p), replica_groups=[2,2]<=[2,2]T(1,0)",
+      "  %cp = (f32[1,256]{1,0}, f32[1,256]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) "
+      "collective-permute-start(%p), channel_id=2, source_target_pairs={{0,1},{1,0},{3,2}}",
+      "  %cp-done = f32[1,256]{1,0} collective-permute-done(%cp)",
       "  ROOT %ag-done = f32[4]{0} all-gather-done(%ag)",
       "}",
     ]
   )
   found = _tpu.collectives(hlo)
-  assert [c["kind"] for c in found] == ["all-reduce", "all-gather"]
+  assert [c["kind"] for c in found] == ["all-reduce", "all-gather", "collective-permute"]
   assert found[0]["bytes"] == 2 * 128 * 4 and found[0]["replica_groups"] == [[0, 1], [2, 3]]
   assert found[1]["bytes"] == 16 and found[1]["replica_groups"] == [[0, 2], [1, 3]]
+  assert found[2]["bytes"] == 256 * 4, "the array each device receives, not the u32 contexts"
+  assert found[2]["pairs"] == [[0, 1], [1, 0], [3, 2]] and found[0]["pairs"] is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -1,9 +1,19 @@
 """Cross-device sums over a named axis, with optional device groups.
 
 `jax.lax.psum(..., axis_index_groups=...)` works under `pmap` but not under `jax.shard_map`, so groups are
-implemented here portably: each device scatters its contribution into the row of its group, one `psum`
-over the whole axis sums every group at once, and each device reads back its own group's row. The extra
-traffic is `num_groups` times a per-feature vector, negligible next to the activations.
+implemented here portably, in one of two ways (`cross_device_sum` picks the one that moves less):
+
+  * **permutes** (small groups): `g − 1` rounds of `jax.lax.ppermute` inside each group, round `s`
+    handing each device the value of the member `s` places after it (`g` the largest group's size).
+    Each device then adds its group's `g` values in one fixed order (by their place in the group),
+    so every member gets the same bits. Nothing crosses a group boundary, and each round carries one
+    copy of the value: `g − 1` values in all.
+  * **one all-reduce** (few groups): each device scatters its value into the row of its group, one
+    `psum` over the whole axis sums every group at once, and each device reads back its own group's
+    row: one round whose payload is `number of groups` values.
+
+Permutes are chosen when `g − 1` is less than the number of groups; e.g. pairs of devices on a
+256-device slice send one vector per device instead of an all-reduce of 128 of them.
 """
 
 from typing import Optional, Sequence
@@ -47,11 +57,64 @@ def cross_device_sum(tree, axis_name, axis_index_groups: AxisIndexGroups = None)
   if axis_index_groups is None:
     return _psum_leaves(tree, axis_name)
   check_axis_index_groups(axis_index_groups, _static_axis_size(axis_name))
-  group_of = np.zeros(max(int(i) for g in axis_index_groups for i in g) + 1, np.int32)
-  for gid, group in enumerate(axis_index_groups):
+  groups = [[int(i) for i in group] for group in axis_index_groups]
+  if permutes_move_less(groups):
+    return _sum_by_permutes(tree, axis_name, groups)
+  return _sum_by_one_all_reduce(tree, axis_name, groups)
+
+
+def permutes_move_less(groups) -> bool:
+  """Whether `g − 1` permute rounds (`g` the largest group) carry less than one all-reduce of a value
+  per group."""
+  return max(len(g) for g in groups) - 1 < len(groups)
+
+
+def _member_tables(groups):
+  """Per device index: its place in its group and its group's size (NumPy, int32)."""
+  size = 1 + max(i for g in groups for i in g)
+  place, group_size = np.zeros(size, np.int32), np.ones(size, np.int32)
+  for group in groups:
+    place[group] = np.arange(len(group))
+    group_size[group] = len(group)
+  return place, group_size
+
+
+def _sum_by_permutes(tree, axis_name, groups):
+  """Each leaf summed within each group by `ppermute` rounds, added in group order (see module doc)."""
+  rounds = max(len(g) for g in groups)
+  place_of, size_of = _member_tables(groups)
+  me = jax.lax.axis_index(axis_name)
+  place, size = jnp.asarray(place_of)[me], jnp.asarray(size_of)[me]
+  # round s: the member at place p receives from place (p + s) mod g; a device whose group is too
+  # small for round s keeps its own value there (never read: `vmap` needs whole permutations)
+  perms = [
+    [(g[(p + s) % len(g)] if len(g) > s else g[p], g[p]) for g in groups for p in range(len(g))]
+    for s in range(1, rounds)
+  ]
+
+  def summed(leaf):
+    if isinstance(leaf, (np.ndarray, np.generic, int, float)):  # the same on every device (a count)
+      return jnp.asarray(leaf) * size.astype(np.result_type(leaf))
+    leaf = jnp.asarray(leaf)
+    received = jnp.stack([leaf] + [jax.lax.ppermute(leaf, axis_name, perm) for perm in perms])
+    total = jnp.zeros_like(leaf)
+    for q in range(
+      rounds
+    ):  # the value of the member at place q arrived in round (q − place) mod size
+      value = received[jnp.mod(q - place, size)]
+      total = total + jnp.where(q < size, value, jnp.zeros_like(value))
+    return total
+
+  return jax.tree_util.tree_map(summed, tree)
+
+
+def _sum_by_one_all_reduce(tree, axis_name, groups):
+  """Each leaf summed within each group by one `psum` of a (groups, ...) array (see module doc)."""
+  group_of = np.zeros(max(i for g in groups for i in g) + 1, np.int32)
+  for gid, group in enumerate(groups):
     group_of[np.asarray(group, np.int32)] = gid
   my_group = jnp.asarray(group_of)[jax.lax.axis_index(axis_name)]
-  onehot = jnp.arange(len(axis_index_groups)) == my_group
+  onehot = jnp.arange(len(groups)) == my_group
 
   def scatter(leaf):
     leaf = jnp.asarray(leaf)
