@@ -56,6 +56,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import tables  # noqa: E402
+from normjax._src import collectives  # noqa: E402
 from normjax._src import pallas_batch_norm  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -390,6 +391,7 @@ def _group_rows(rows, keys):
 
 COLLECTIVE_SHAPE = (32, 14, 14, 256)  # per device; C = 256
 GROUP_SIZE = 2  # axis_index_groups: consecutive pairs of devices
+HOST_GROUP_SIZE = 8  # axis_index_groups of one host's devices (8 GPUs, or a v4 host's 8 cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,6 +411,7 @@ class SyncLayer:
   )
   expect: Optional[tuple] = None
   min_devices: int = 1
+  group_size: Optional[int] = None  # axis_index_groups of this many consecutive devices
 
 
 def _normjax_layer(**options):
@@ -441,8 +444,12 @@ def _linen_layer(cls, **fields):
   return make
 
 
-def _groups(n):
-  return [list(range(i, i + GROUP_SIZE)) for i in range(0, n, GROUP_SIZE)]
+def groups_of(size):
+  """`axis_index_groups` of `size` consecutive devices, as a function of the axis size."""
+  return lambda n: [list(range(i, i + size)) for i in range(0, n, size)]
+
+
+_groups = groups_of(GROUP_SIZE)
 
 
 def sync_layers():
@@ -470,6 +477,13 @@ def sync_layers():
       _normjax_layer(axis_name=BATCH, axis_index_groups=_groups),
       expect=(0, 1),  # statistics by permutes inside the groups; the bwd adds dscale, dbias's psum
       min_devices=2 * GROUP_SIZE,
+      group_size=GROUP_SIZE,
+    ),
+    SyncLayer(  # butterfly (3 rounds) where there are more than 3 groups, else one all-reduce
+      f"normjax axis_index_groups (groups of {HOST_GROUP_SIZE})",
+      _normjax_layer(axis_name=BATCH, axis_index_groups=groups_of(HOST_GROUP_SIZE)),
+      min_devices=2 * HOST_GROUP_SIZE,
+      group_size=HOST_GROUP_SIZE,
     ),
     SyncLayer(  # backward: the BN sums over "inner", then the parameters' gradient over "outer"
       f"normjax, inner axis of a 2-D mesh ({GROUP_SIZE} devices)",
@@ -482,6 +496,7 @@ def sync_layers():
       f"flax.linen axis_index_groups (groups of {GROUP_SIZE})",
       _linen_layer(nn.BatchNorm, axis_name=BATCH, axis_index_groups=_groups),
       min_devices=2 * GROUP_SIZE,
+      group_size=GROUP_SIZE,
     ),
   ]
 
@@ -551,12 +566,36 @@ def compile_sync_layer(layer: SyncLayer, slice_name) -> dict:
     return {**row, "status": "unsupported", "error": _error_line(error)}
   except Exception as error:  # pylint: disable=broad-except
     return {**row, "status": "failed", "error": _error_line(error)}
-  group_size = GROUP_SIZE if "groups" in layer.name else None
-  row.update(status="ok", **_round_summary(fwd.collectives, "fwd", group_size))
-  row.update(_round_summary(both.collectives, "fwd_bwd", group_size))
+  row.update(status="ok", **_round_summary(fwd.collectives, "fwd", layer.group_size))
+  row.update(_round_summary(both.collectives, "fwd_bwd", layer.group_size))
   row["bwd_all_reduce"] = row["fwd_bwd_all_reduce"] - row["fwd_all_reduce"]
   row["fwd_bwd_bytes_accessed"] = both.bytes_accessed
   return row
+
+
+def _check_groups(layer: SyncLayer, row, check, c_vector) -> int:
+  """Device groups: permutes inside the groups (`collectives.permute_rounds` rounds for each of the
+  forward's two sums, C floats each) where they are fewer than the groups, else one all-reduce over
+  the slice. The backward's all-reduce over the slice is dscale and dbias (data parallel). Returns
+  how many C-vectors a payload may hold."""
+  groups = groups_of(layer.group_size)(row["devices"])
+  rounds = collectives.permute_rounds(groups)
+  check(row["fwd_bwd_group_sizes"] == [row["devices"]], "device groups: all-reduces span the slice")
+  if rounds >= len(groups):
+    check(
+      row["fwd_permutes"] == 0 and row["fwd_all_reduce"] == 1,
+      f"{len(groups)} groups: the forward's sums are one all-reduce (permutes: {rounds} rounds)",
+    )
+    return 3 * len(groups)  # count, Σ(x − K), Σ(x − K)² of every group
+  check(
+    row["fwd_all_reduce"] == 0 and row["fwd_permute_bytes"] == [c_vector] * (2 * rounds),
+    f"device groups: the forward's two sums take {rounds} permute round(s) each, of C floats",
+  )
+  check(
+    row["fwd_permutes_inside_groups"] and row["fwd_bwd_permutes_inside_groups"],
+    "device groups: every permute stays inside a group",
+  )
+  return 3
 
 
 def check_sync_layer(layer: SyncLayer, row, failures: Failures) -> None:
@@ -567,26 +606,19 @@ def check_sync_layer(layer: SyncLayer, row, failures: Failures) -> None:
       failures.check(row["fwd_bwd_all_reduce"] == 0, "no all-reduce on one device", **where)
     return
   c_vector = 4 * row["C"]  # one float32 vector of C features
-  grouped = "groups" in layer.name
   check = functools.partial(failures.check, **where)
   check(
     row["fwd_other"] == 0 and row["fwd_bwd_other"] == 0, "no all-gather, reduce-scatter, all-to-all"
   )
-  if grouped:  # normjax's groups of 2: one permute round per sum (collectives.permutes_move_less)
-    check(
-      row["fwd_permutes"] == 2 and row["fwd_permute_bytes"] == [c_vector] * 2,
-      "device groups: the forward's two sums are one permute round each, of C floats",
-    )
-    check(
-      row["fwd_permutes_inside_groups"] and row["fwd_bwd_permutes_inside_groups"],
-      "device groups: every permute stays inside a group",
-    )
+  vectors = 3
+  if layer.group_size:
+    vectors = _check_groups(layer, row, check, c_vector)
   else:
     check(row["fwd_bwd_permutes"] == 0, "no collective-permute")
   payloads = row["fwd_bytes"] + row["fwd_bwd_bytes"] + row["fwd_bwd_permute_bytes"]
   check(
-    max(payloads, default=0) <= 3 * c_vector,
-    "every payload ≤ 3 C-vectors, never an activation",
+    max(payloads, default=0) <= vectors * c_vector,
+    f"every payload ≤ {vectors} C-vectors, never an activation",
   )
   check(max(payloads, default=0) * 8 < row["x_bytes"], "payloads ≪ the activation")
   if layer.expect is not None:
@@ -594,16 +626,9 @@ def check_sync_layer(layer: SyncLayer, row, failures: Failures) -> None:
     check(row["fwd_all_reduce"] == fwd_rounds, f"forward: {fwd_rounds} all-reduce round(s)")
     check(row["bwd_all_reduce"] == bwd_rounds, f"backward: {bwd_rounds} all-reduce round(s)")
   sizes = row["fwd_group_sizes"]
-  if (
-    grouped
-  ):  # the forward's sums are permutes; the backward's all-reduce is the parameters' gradient
-    check(
-      sizes == [] and row["fwd_bwd_group_sizes"] == [row["devices"]],
-      "device groups: no all-reduce in the forward",
-    )
-  elif layer.grid:
+  if layer.grid:
     check(sizes == [GROUP_SIZE], f"inner axis: replica groups of {GROUP_SIZE} devices")
-  else:
+  elif not layer.group_size:
     check(sizes == [row["devices"]], "replica group: the whole slice")
 
 

@@ -32,7 +32,8 @@ def main():
   data = np.arange(ROWS * 3, dtype=np.float32).reshape(ROWS, 3) ** 1.5
   x = jax.make_array_from_callback(data.shape, NamedSharding(mesh, P("d")), lambda i: data[i])
   ways = {
-    "permutes": collectives._sum_by_permutes,  # pylint: disable=protected-access
+    "butterfly": collectives._sum_by_butterfly,  # pylint: disable=protected-access
+    "gather": collectives._sum_by_permutes,  # pylint: disable=protected-access
     "one all-reduce": collectives._sum_by_one_all_reduce,  # pylint: disable=protected-access
     "cross_device_sum": collectives.cross_device_sum,
   }

@@ -17,6 +17,7 @@ GROUPINGS = {
   "pairs": [[0, 1], [2, 3], [4, 5], [6, 7]],
   "halves_interleaved": [[0, 2, 4, 6], [1, 3, 5, 7]],
   "uneven": [[3], [0, 7, 1], [2, 4, 5, 6]],
+  "triples": [[0, 1, 2], [5, 4, 3], [6, 7]],
   "one_group": [list(range(N))],
 }
 
@@ -200,17 +201,18 @@ def test_common_value_averages_a_value_that_varies():
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-SUMS = {  # the two ways of summing within groups; cross_device_sum picks one (permutes_move_less)
-  "permutes": collectives._sum_by_permutes,  # pylint: disable=protected-access
+SUMS = {  # the ways of summing within groups; cross_device_sum picks one (see collectives' doc)
+  "butterfly": collectives._sum_by_butterfly,  # pylint: disable=protected-access
+  "gather": collectives._sum_by_permutes,  # pylint: disable=protected-access
   "one all-reduce": collectives._sum_by_one_all_reduce,  # pylint: disable=protected-access
 }
-GROUPED = {k: v for k, v in GROUPINGS.items()}
+POWER_OF_TWO = ("pairs", "halves_interleaved", "one_group")  # the butterfly's groupings
+CASES = [(m, g) for m in SUMS for g in GROUPINGS if m != "butterfly" or g in POWER_OF_TWO]
 
 
-@pytest.mark.parametrize("method", SUMS)
-@pytest.mark.parametrize("name", GROUPED)
+@pytest.mark.parametrize("method, name", CASES)
 def test_each_way_of_summing_groups_under_shard_map_pmap_and_vmap(method, name):
-  groups, sum_ = GROUPED[name], SUMS[method]
+  groups, sum_ = GROUPINGS[name], SUMS[method]
   tree = _per_device()
   want = _want(tree, groups)
   mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
@@ -223,15 +225,15 @@ def test_each_way_of_summing_groups_under_shard_map_pmap_and_vmap(method, name):
   _check(jax.vmap(local, axis_name="d")(tree), want)
 
 
-@pytest.mark.parametrize("name", ["pairs", "uneven", "halves_interleaved"])
-def test_permutes_give_every_member_of_a_group_the_same_bits(name):
-  """Each device adds its group's values in the group's order, so the members agree exactly (a
-  BatchNorm's branch choices and running statistics must not differ between them)."""
+@pytest.mark.parametrize(
+  "method, name", [(m, g) for m, g in CASES if m != "one all-reduce" and g != "one_group"]
+)
+def test_permutes_give_every_member_of_a_group_the_same_bits(method, name):
+  """The butterfly's partners add the same two numbers, and the gather adds in the group's order, so
+  the members agree exactly (a BatchNorm's branch choices and running statistics must not differ)."""
   groups = GROUPINGS[name]
   x = jnp.asarray(helpers.normal_data((N, 64), mean=1e3, seed=11))
-  got = np.asarray(
-    jax.pmap(lambda v: SUMS["permutes"](v, "d", groups), axis_name="d")(x)  # noqa: E731
-  )
+  got = np.asarray(jax.pmap(lambda v: SUMS[method](v, "d", groups), axis_name="d")(x))
   for group in groups:
     for member in group:
       np.testing.assert_array_equal(got[member], got[group[0]])
@@ -240,7 +242,7 @@ def test_permutes_give_every_member_of_a_group_the_same_bits(name):
 
 @pytest.mark.parametrize("method", SUMS)
 def test_reverse_mode_of_each_way(method):
-  groups = GROUPINGS["uneven"]
+  groups = GROUPINGS["pairs" if method == "butterfly" else "uneven"]
   mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
   x = jnp.asarray(helpers.normal_data((N, 3), seed=6))
   w = helpers.normal_data((N, 3), seed=7)
@@ -255,11 +257,17 @@ def test_reverse_mode_of_each_way(method):
 
 @pytest.mark.parametrize(
   "name, permutes, all_reduces",
-  [("pairs", 1, 0), ("uneven", 0, 1), ("halves_interleaved", 0, 1), ("one_group", 0, 1)],
+  [
+    ("pairs", 1, 0),  # butterfly: 1 round < 4 groups
+    ("triples", 2, 0),  # gather: 2 rounds < 3 groups
+    ("uneven", 0, 1),  # gather would take 3 rounds for 3 groups
+    ("halves_interleaved", 0, 1),  # butterfly would take 2 rounds for 2 groups
+    ("one_group", 0, 1),
+  ],
 )
 def test_cross_device_sum_picks_the_way_that_moves_less(name, permutes, all_reduces):
-  """Pairs of 8 devices: one permute round of one value (an all-reduce would carry 4 of them);
-  groups of 3–8: one all-reduce of ≤ 3 values (permutes would take 3–7 rounds)."""
+  """Permutes where their rounds are fewer than the groups (an all-reduce carries one value per
+  group), one all-reduce elsewhere."""
   groups = GROUPINGS[name]
   mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
   fn = jax.jit(
@@ -274,5 +282,5 @@ def test_cross_device_sum_picks_the_way_that_moves_less(name, permutes, all_redu
   hlo = fn.lower(x).compile().as_text()
   assert len(re.findall(r"collective-permute(?:-start)?\(", hlo)) == permutes, hlo
   assert len(re.findall(r"all-reduce(?:-start)?\(", hlo)) == all_reduces, hlo
-  assert collectives.permutes_move_less(groups) == bool(permutes)
+  assert (collectives.permute_rounds(groups) < len(groups)) == bool(permutes)
   _check({"x": fn(x)}, _want({"x": x}, groups))

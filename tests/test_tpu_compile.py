@@ -10,8 +10,9 @@ optimized HLO and the compiler's analyses say:
     "batch"` none: given `dy`, XLA merges them into the forward's second round); every payload is a
     few float32 vectors of the C features, never an activation; on one chip there is no collective;
   * `axis_index_groups` in groups of 2 sums by one round of collective-permutes of C floats per sum,
-    every source and target inside a group (no all-reduce in the forward), while an inner axis of
-    a 2-D mesh gives replica groups of the group size;
+    every source and target inside a group (no all-reduce in the forward); groups of 8 by 3 rounds
+    on 64 chips and by one all-reduce on 16 (2 groups); an inner axis of a 2-D mesh gives replica
+    groups of the group size;
   * normjax's BatchNorm fwd+bwd moves no more bytes (the compiler's cost model) than flax's;
   * registry layers and the MNIST CNN train step compile; per-device memory of the step is flat from
     4 to 16 chips at a fixed batch per device.
@@ -99,6 +100,17 @@ def test_device_groups_sum_by_permutes_inside_the_groups():
   # the backward's only all-reduce is dscale and dbias over the whole slice (data parallel)
   assert row["fwd_bwd_bytes"] == [2 * C_VECTOR], row
   assert row["fwd_bwd_group_sizes"] == [row["devices"]], row
+  _facts_hold(name, row)
+
+
+@pytest.mark.parametrize("slice_name, permutes", [("v5e:4x4", 0), ("v5e:8x8", 6)])
+def test_groups_of_a_host_butterfly_where_rounds_are_fewer_than_groups(slice_name, permutes):
+  """Groups of 8: on 16 chips (2 groups) one all-reduce of both groups' sums; on 64 chips (8 groups)
+  the butterfly, 3 rounds for each of the forward's two sums, every permute inside a group."""
+  name = f"normjax axis_index_groups (groups of {tc.HOST_GROUP_SIZE})"
+  row = _sync_row(name, slice_name)
+  assert row["fwd_permutes"] == permutes and row["fwd_all_reduce"] == (0 if permutes else 1), row
+  assert row["fwd_permutes_inside_groups"] and row["fwd_bwd_permutes_inside_groups"], row
   _facts_hold(name, row)
 
 

@@ -1,19 +1,24 @@
 """Cross-device sums over a named axis, with optional device groups.
 
 `jax.lax.psum(..., axis_index_groups=...)` works under `pmap` but not under `jax.shard_map`, so groups are
-implemented here portably, in one of two ways (`cross_device_sum` picks the one that moves less):
+implemented here portably, in one of three ways (`cross_device_sum` picks the one that moves least):
 
-  * **permutes** (small groups): `g − 1` rounds of `jax.lax.ppermute` inside each group, round `s`
-    handing each device the value of the member `s` places after it (`g` the largest group's size).
-    Each device then adds its group's `g` values in one fixed order (by their place in the group),
-    so every member gets the same bits. Nothing crosses a group boundary, and each round carries one
-    copy of the value: `g − 1` values in all.
+  * **butterfly** (groups of one power-of-two size `g`): `log2 g` rounds of `jax.lax.ppermute`
+    inside each group; in round `k` each device adds the value of the member whose place differs in
+    bit `k` (recursive doubling). Both partners add the same two numbers, so every member ends with the
+    same bits.
+  * **gather** (other small groups): `g − 1` rounds of `ppermute` inside each group, round `s`
+    handing each device the value of the member `s` places after it (`g` the largest group's size);
+    each device then adds its group's values in one fixed order (by their place in the group), so
+    every member gets the same bits.
   * **one all-reduce** (few groups): each device scatters its value into the row of its group, one
     `psum` over the whole axis sums every group at once, and each device reads back its own group's
     row: one round whose payload is `number of groups` values.
 
-Permutes are chosen when `g − 1` is less than the number of groups; e.g. pairs of devices on a
-256-device slice send one vector per device instead of an all-reduce of 128 of them.
+With the permutes nothing crosses a group boundary and each round carries one copy of the value; they
+are chosen when their rounds are fewer than the groups (`permute_rounds`). E.g. pairs of devices on a
+256-device slice send one vector per device instead of an all-reduce of 128 of them, and groups of 8
+(one host's devices) take 3 rounds.
 """
 
 from typing import Optional, Sequence
@@ -58,15 +63,43 @@ def cross_device_sum(tree, axis_name, axis_index_groups: AxisIndexGroups = None)
     return _psum_leaves(tree, axis_name)
   check_axis_index_groups(axis_index_groups, _static_axis_size(axis_name))
   groups = [[int(i) for i in group] for group in axis_index_groups]
-  if permutes_move_less(groups):
-    return _sum_by_permutes(tree, axis_name, groups)
-  return _sum_by_one_all_reduce(tree, axis_name, groups)
+  if permute_rounds(groups) >= len(groups):
+    return _sum_by_one_all_reduce(tree, axis_name, groups)
+  if _butterfly_size(groups):
+    return _sum_by_butterfly(tree, axis_name, groups)
+  return _sum_by_permutes(tree, axis_name, groups)
 
 
-def permutes_move_less(groups) -> bool:
-  """Whether `g − 1` permute rounds (`g` the largest group) carry less than one all-reduce of a value
-  per group."""
-  return max(len(g) for g in groups) - 1 < len(groups)
+def _butterfly_size(groups) -> int:
+  """The groups' common size when it is a power of two (the butterfly applies), else 0."""
+  size = len(groups[0])
+  same = all(len(g) == size for g in groups)
+  return size if same and size & (size - 1) == 0 else 0
+
+
+def permute_rounds(groups) -> int:
+  """Rounds of `ppermute` that sum within `groups`: log2 g for the butterfly, else g − 1 (`g` the
+  largest group). Permutes are used when these are fewer than the groups (see module doc)."""
+  size = _butterfly_size(groups)
+  return size.bit_length() - 1 if size else max(len(g) for g in groups) - 1
+
+
+def _sum_by_butterfly(tree, axis_name, groups):
+  """Each leaf summed within groups of one power-of-two size by recursive doubling (see module doc)."""
+  size = len(groups[0])
+  perms = [
+    [(g[p ^ (1 << k)], g[p]) for g in groups for p in range(size)]
+    for k in range(size.bit_length() - 1)
+  ]
+
+  def summed(leaf):
+    if isinstance(leaf, (np.ndarray, np.generic, int, float)):  # the same on every device (a count)
+      return np.asarray(leaf) * np.asarray(size, np.result_type(leaf))
+    for perm in perms:
+      leaf = leaf + jax.lax.ppermute(leaf, axis_name, perm)
+    return leaf
+
+  return jax.tree_util.tree_map(summed, tree)
 
 
 def _member_tables(groups):
