@@ -187,17 +187,20 @@ def test_common_value_is_free_when_the_types_prove_it_and_a_mean_otherwise(check
   assert (_psums(fn, x, replicated) == 0) == check_vma
 
 
-def test_common_value_averages_a_value_that_varies():
+@pytest.mark.parametrize("name", ["halves", "pairs", "triples"])
+def test_common_value_averages_a_value_that_varies(name):
+  """Each way of summing groups (one all-reduce, butterfly, gather), with a count that does not vary."""
+  groups = {"halves": [[0, 1, 2, 3], [4, 5, 6, 7]]}.get(name) or GROUPINGS[name]
   mesh = Mesh(np.array(jax.devices()[:N]), ("d",))
   per_device = jnp.arange(N * 2.0).reshape(N, 2)
 
   def local(x):
-    return collectives.common_value(x[0], x, "d", [[0, 1, 2, 3], [4, 5, 6, 7]])[None]
+    return collectives.common_value(x[0], x, "d", groups)[None]
 
   got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("d"), out_specs=P("d")))(per_device)
-  want = np.concatenate(
-    [np.tile(np.asarray(per_device)[list(g)].mean(0), (4, 1)) for g in (range(4), range(4, 8))]
-  )
+  want = np.empty((N, 2))
+  for group in groups:
+    want[group] = np.asarray(per_device)[group].mean(0)
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

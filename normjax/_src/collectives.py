@@ -131,9 +131,8 @@ def _sum_by_permutes(tree, axis_name, groups):
     leaf = jnp.asarray(leaf)
     received = jnp.stack([leaf] + [jax.lax.ppermute(leaf, axis_name, perm) for perm in perms])
     total = jnp.zeros_like(leaf)
-    for q in range(
-      rounds
-    ):  # the value of the member at place q arrived in round (q − place) mod size
+    # the value of the member at place q arrived in round (q − place) mod size
+    for q in range(rounds):
       value = received[jnp.mod(q - place, size)]
       total = total + jnp.where(q < size, value, jnp.zeros_like(value))
     return total
