@@ -605,3 +605,56 @@ def test_feature_norm_errors_and_dtypes():
   assert layer.weight.dtype == jnp.bfloat16 and layer.bias.dtype == jnp.bfloat16
   assert layer(jnp.ones(4, jnp.bfloat16)).dtype == jnp.bfloat16
   assert nje.LayerNorm(4, output_dtype=jnp.float32)(jnp.ones(4, jnp.bfloat16)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda m: m.LayerNorm((4, 5)),
+    lambda m: m.RMSNorm((4, 5)),
+    lambda m: m.GroupNorm(2, 6),
+    lambda m: m.InstanceNorm(6),
+  ],
+  ids=["layer", "rms", "group", "instance"],
+)
+def test_feature_norms_under_vmap_inside_shard_map_with_varying_axis_checks(make):
+  """`vmap` over examples inside `shard_map(check_vma=True)` on 8 CPU devices: compiles (it raised
+  "requires varying manual axes to match" when the CPU lowering's conditional was traced under vmap)
+  and equals Equinox's own layer, also at mean 1e3."""
+  from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  theirs = randomize(make(eqx.nn)) if not isinstance(make(nje), nje.InstanceNorm) else None
+  ours = make(nje) if theirs is None else same_params(make(nje), theirs)
+  shape = getattr(ours, "shape", None) or (6, 3, 3)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  x = jax.random.normal(jax.random.key(4), (16,) + tuple(shape)) * 2.0 + 1e3
+  run = jax.jit(jax.shard_map(jax.vmap(ours), mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+  got = np.asarray(run(x), np.float64)
+  x64 = np.asarray(x, np.float64)
+  if theirs is not None:
+    np.testing.assert_allclose(got, jax.vmap(theirs)(x), atol=1e-3, rtol=1e-3)
+  if isinstance(ours, nje.InstanceNorm):  # float64: each channel of each example
+    mean, var = x64.mean((2, 3), keepdims=True), x64.var((2, 3), keepdims=True)
+    np.testing.assert_allclose(got, (x64 - mean) / np.sqrt(var + 1e-5), atol=2e-3)
+
+
+def test_statistics_under_vmap_skip_the_cpu_conditional():
+  """Under `vmap` a conditional computes both branches (a select), so `moments` takes the portable
+  one-pass program there: no `cond` in the jaxpr, and the same statistics as without vmap."""
+  from normjax._src import compat  # pylint: disable=g-import-not-at-top
+
+  x = jax.random.normal(jax.random.key(5), (3, 32, 8)) + 1e3
+  seen = []
+
+  def moments(v):
+    seen.append(compat.is_batched(v))
+    return normjax.moments(v, (0, 1))
+
+  jaxpr = str(jax.make_jaxpr(jax.vmap(moments))(x[:, None]))
+  assert seen == [True] and "cond[" not in jaxpr, jaxpr
+  assert not compat.is_batched(x)
+  batched = jax.vmap(moments)(x[:, None])
+  for i in range(3):
+    one = normjax.moments(x[i][None], (0, 1))
+    np.testing.assert_allclose(batched[0][i], one[0], rtol=1e-6)
+    np.testing.assert_allclose(batched[1][i], one[1], rtol=2e-4)

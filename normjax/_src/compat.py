@@ -13,6 +13,8 @@ module calls these names and never tests a version itself:
   * `shape_like(x, shape, dtype)`: a `jax.ShapeDtypeStruct` (e.g. a Pallas kernel's output) that varies
     over the `shard_map` axes `x` varies over. jax ≥ 0.9 takes its `manual_axis_type`, earlier ones its
     `vma`.
+  * `is_batched(value)`: whether `jax.vmap` is tracing `value` (its batching tracer lives in
+    `jax._src.interpreters.batching` in every supported version; False if that module moves).
   * `OLD_CPU_REDUCTIONS`: True for jaxlib < 0.10.2, whose XLA CPU float32 reductions round more (measured
     on one reduction of 16,384 values near 1e4: variance error 1.3e-5 with jaxlib 0.7.0 and 0.8.1, 1.0e-6
     with 0.10.2). Tests whose float32 tolerance depends on the summation order read it.
@@ -84,3 +86,12 @@ def shape_like(x, shape, dtype) -> jax.ShapeDtypeStruct:
   if value is None:
     return jax.ShapeDtypeStruct(shape, dtype)
   return jax.ShapeDtypeStruct(shape, dtype, **{_SHAPE_TYPE_FIELD: value})
+
+
+def is_batched(value) -> bool:
+  """Whether `value` is being traced by `jax.vmap` (a batching tracer) at this point of tracing."""
+  try:
+    from jax._src.interpreters import batching  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover (a JAX without this module: assume not batched)
+    return False
+  return isinstance(value, batching.BatchTracer)

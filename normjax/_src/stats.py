@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from normjax._src import collectives
+from normjax._src import compat
 from normjax._src import cpu_kernel
 from normjax._src import lowering
 from normjax._src import validation
@@ -203,6 +204,11 @@ def moments_and_count(
     )
   else:  # groups could take different branches of the CPU test: the probe of this batch instead
     cpu = lambda x, mask, shift: portable(x, mask, None)
+  if compat.is_batched(x):
+    # Under vmap the CPU lowering's conditional gets a batched predicate: JAX computes both branches
+    # (a select) and, inside shard_map(check_vma=True), mis-types their constants ("requires varying
+    # manual axes to match"). The portable one pass is exact enough and cheaper there.
+    return portable(x, mask, shift)
   return lowering.cpu_or_portable(x, mask, shift, cpu=cpu, portable=portable)
 
 
