@@ -39,7 +39,6 @@ def programs(x):
   """name -> (jitted f(params, stats, x), params, stats); `stats` the running statistics."""
   features = x.shape[-1]
   flax_layer = nn.BatchNorm(momentum=0.99, epsilon=EPSILON, dtype=x.dtype)
-  flax_layer.init(jax.random.key(0), x, use_running_average=True)  # checks the layer takes x
   params = {  # float32, as flax's and normjax's parameters; not all ones and zeros
     "scale": jnp.linspace(0.5, 1.5, features, dtype=jnp.float32),
     "bias": jnp.linspace(-1.0, 1.0, features, dtype=jnp.float32),

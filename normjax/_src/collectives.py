@@ -84,6 +84,12 @@ def permute_rounds(groups) -> int:
   return size.bit_length() - 1 if size else max(len(g) for g in groups) - 1
 
 
+def _same_on_every_device(leaf) -> bool:
+  """A value known at trace time (e.g. a count without a mask): its group sum is the value times the
+  group's size, with no collective."""
+  return isinstance(leaf, (np.ndarray, np.generic, int, float))
+
+
 def _sum_by_butterfly(tree, axis_name, groups):
   """Each leaf summed within groups of one power-of-two size by recursive doubling (see module doc)."""
   size = len(groups[0])
@@ -93,7 +99,7 @@ def _sum_by_butterfly(tree, axis_name, groups):
   ]
 
   def summed(leaf):
-    if isinstance(leaf, (np.ndarray, np.generic, int, float)):  # the same on every device (a count)
+    if _same_on_every_device(leaf):
       return np.asarray(leaf) * np.asarray(size, np.result_type(leaf))
     for perm in perms:
       leaf = leaf + jax.lax.ppermute(leaf, axis_name, perm)
@@ -126,7 +132,7 @@ def _sum_by_permutes(tree, axis_name, groups):
   ]
 
   def summed(leaf):
-    if isinstance(leaf, (np.ndarray, np.generic, int, float)):  # the same on every device (a count)
+    if _same_on_every_device(leaf):
       return jnp.asarray(leaf) * size.astype(np.result_type(leaf))
     leaf = jnp.asarray(leaf)
     received = jnp.stack([leaf] + [jax.lax.ppermute(leaf, axis_name, perm) for perm in perms])
