@@ -179,13 +179,13 @@ def test_forward_programs_stay_within_eight_kernels(dtype, options, masked):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_synchronized_forward_sums_both_moments_in_one_kernel(dtype):
-  """Under `shard_map`, the per-device raw moments leave as one stacked (2, C) operand of one
+  """Under `shard_map` over two devices, the per-device raw moments leave as one stacked (2, C) operand of one
   all-reduce (one kernel computes both), and the outer program keeps 7 kernels: the moments kernel,
   the stacking, the all-reduce, the precision check (2), the conditional and the normalize pass."""
-  x = jnp.ones((8, 7, 7, 32), dtype)
+  x = jnp.ones((16, 7, 7, 32), dtype)
   bn = normjax.batch_norm(momentum=0.9, axis_name="batch")
   params, state = bn.init(x)
-  mesh = Mesh(np.array(jax.devices()[:1]), ("batch",))
+  mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))  # one device would take the local kernel
   fwd = jax.shard_map(
     lambda p, s, x: bn.apply(p, s, x, training=True),
     mesh=mesh,

@@ -438,15 +438,27 @@ def _no_statistics_tangents(training):
   return run
 
 
+def _statistics_are_local(config) -> bool:
+  """Whether each device's statistics are its own: no `axis_name`, or one known at trace time to pool
+  a single device (an axis of size 1, or `axis_index_groups` of one device each). Synchronized
+  BatchNorm is then exactly the local one, as PyTorch's `SyncBatchNorm` falls back to `batch_norm` on
+  a world of one process."""
+  if config.axis_name is None:
+    return True
+  if config.axis_index_groups is not None:
+    return all(len(g) == 1 for g in config.axis_index_groups)
+  return collectives._static_axis_size(config.axis_name) == 1  # pylint: disable=protected-access
+
+
 def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
   """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics on
-  one device (no axis_name) without a mask and accurate statistics (not "fast"). On a TPU the Pallas
+  one device (`_statistics_are_local`) without a mask and accurate statistics (not "fast"). On a TPU the Pallas
   kernel (`pallas_batch_norm`) for one group without renorm whose blocks fit the VMEM budget; on a
   CPU the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches and
   renorm (its corrections folded into the kernel's affine). (The other
   features-last steps on a CPU take their statistics from `cpu_kernel.moments` inside
   `stats.moments_and_count`, and XLA normalizes.)"""
-  plain = config.axis_name is None and mask is None
+  plain = _statistics_are_local(config) and mask is None
   if not (plain and config.stats_method != "fast" and axes == (x.ndim - 1,)):
     return ()
   one_group = config.ghost_batch_size is None
@@ -477,6 +489,11 @@ def _kernel_training(step: _TrainingStep, platform: str, xg):
     grouped=platform == "cpu",
     renorm=renorm,
   )
+  if config.axis_name is not None:  # local statistics (`_kernels`); summed over the one device so
+    # that they are typed, as synchronized ones are, invariant over the axis (`shard_map`'s check_vma)
+    mean, var = collectives.cross_device_sum(
+      (mean, var), config.axis_name, config.axis_index_groups
+    )
   count = stats.valid_count(xg.shape, step.reduce_axes, None)  # keepdims, a NumPy constant
   moments = (mean.reshape(count.shape), var.reshape(count.shape), count)
   _, _, new_state, targets, moments = step.per_feature(moments)
@@ -542,7 +559,10 @@ def batch_norm(
     axis_name: mapped axis over which statistics are synchronized (global-batch BN under `shard_map`,
       `pmap` or `vmap`); counts are summed, so unequal numbers of valid examples per device are exact.
       Under plain `jit` with a batch sharded by `NamedSharding`, no axis name is needed: the arrays are
-      global and XLA inserts the cross-device reductions itself.
+      global and XLA inserts the cross-device reductions itself. Where the axis is known at trace time
+      to pool one device (size 1, or `axis_index_groups` of one device each), the statistics are that
+      device's own and the layer runs the local program (on a CPU, the fused kernel), as PyTorch's
+      `SyncBatchNorm` does on one process; values and `shard_map` typing are unchanged.
     axis_index_groups: partition of the devices of `axis_name` into groups synchronized separately.
     ghost_batch_size: split the batch axis 0 (size n) into n / ghost_batch_size groups of this size g,
       each normalized by its own statistics (ghost / virtual BN, Hoffer et al. 2017). The running

@@ -362,18 +362,33 @@ def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, fin
   weighted = jnp.where(count > 0, count * mean, 0.0)
   # one stacked operand: one kernel computes both sums, and the slices fuse into their consumers
   raw = jnp.stack([weighted, jnp.where(count > 0, count * var, 0.0) + weighted * mean])
-  total, raw = collectives.cross_device_sum((count, raw), axis_name)
+  static = _static_counts(count, axis_name)
+  if static is None:
+    total, raw = collectives.cross_device_sum((count, raw), axis_name)
+  else:  # counts known at trace time are made inside the branches, where XLA folds them; passed in,
+    # each would be a kernel broadcasting a constant (three of them: 10 kernels instead of 7)
+    total, raw = None, collectives.cross_device_sum(raw, axis_name)
+  count_shape = jnp.shape(count)
 
-  def keep(total, raw, mean, var):
+  def counts(count, total):
+    if static is None:
+      return count, total
+    return tuple(jnp.full(count_shape, v, jnp.float32) for v in static)
+
+  def keep(count, total, raw, mean, var):
+    _, total = counts(count, total)
     return finish(_from_shifted_sums(total, raw[0], raw[1], 0.0))
 
-  def second_round(total, raw, mean, var):
+  def second_round(count, total, raw, mean, var):
+    count, total = counts(count, total)
     global_mean = _safe_divide(raw[0], total)
     m2 = _m2_about(global_mean, count, mean, count * var, axis_name, None)
     return finish((global_mean, _safe_divide(m2, total), total))
 
-  precise = _plain_sums_ok(total, raw[0], raw[1])
-  return lowering.cond_with_1d_results(precise, keep, second_round, total, raw, mean, var)
+  _, known_total = counts(count, total)
+  precise = _plain_sums_ok(known_total, raw[0], raw[1])
+  operands = (count, total) if static is None else (None, None)
+  return lowering.cond_with_1d_results(precise, keep, second_round, *operands, raw, mean, var)
 
 
 def _static_counts(count, axis_name):
