@@ -12,6 +12,15 @@ inputs, as a layer sees activations that left the cache long ago); and the order
 implementations rotates each round. A ratio is the median over rounds of the per-round ratio to the
 baseline, so a slow round (the machine's other tenants) counts against both sides of the ratio.
 
+Host memory (`--allocator`, CPU scripts): XLA:CPU takes its buffers from glibc's malloc, which by
+default maps a large block afresh and returns it to the kernel when freed, adapting its thresholds to
+the sizes it has seen (`mallopt(3)`). A call then page-faults its output in again, page by page: on
+this VM 12.8 MB of faults cost ~3-4 ms, more than the BatchNorm itself (1.6-1.8 ms), added equally to
+every implementation, and whether a row pays it changed from one row to the next within a run. `keep`
+(the default) fixes glibc's thresholds so freed memory stays in the process and the programs are
+timed, not the page faults; `fault` maps every block of 128 KiB or more afresh (each call pays the
+faults); `glibc` leaves glibc's adaptive defaults, as runs before this option had.
+
 Each ratio comes with a distribution-free 95 % confidence interval for that median (`median_interval`:
 order statistics of the per-round ratios, from the binomial distribution; no assumption about the shape
 of the noise). On the 2-core VM of BENCHMARKS.md one round's ratio of two identical programs spreads
@@ -20,6 +29,7 @@ of the noise). On the 2-core VM of BENCHMARKS.md one round's ratio of two identi
 """
 
 import argparse
+import ctypes
 import glob
 import json
 import math
@@ -43,7 +53,45 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
   p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
   p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
   p.add_argument("--input-sets", type=int, default=3, help="random input sets rotated while timing")
+  p.add_argument(
+    "--allocator",
+    default="keep",
+    choices=ALLOCATOR_MODES,
+    help="host memory: keep freed blocks in the process (default), map every block afresh "
+    "(fault), or glibc's adaptive defaults; see benchmarks/_common.py",
+  )
   return p
+
+
+ALLOCATOR_MODES = ("keep", "fault", "glibc")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_ALLOCATOR = {"mode": "glibc"}
+
+
+def pin_allocator(mode: str) -> str:
+  """Sets how glibc's malloc maps host memory for this process (see the module docstring).
+
+  Returns the mode in force: `mode`, or "glibc" where this is not glibc (nothing changed).
+  """
+  if mode not in ALLOCATOR_MODES:
+    raise ValueError(f"allocator mode={mode!r} must be one of {ALLOCATOR_MODES}")
+  if mode == "glibc" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return _ALLOCATOR["mode"]
+  libc = ctypes.CDLL(None)
+  keep = mode == "keep"  # map blocks below 1 GiB from the heap, and never trim it (INT_MAX bytes)
+  ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30 if keep else 1 << 17)
+  ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1 if keep else 1 << 17)
+  if not ok:
+    raise RuntimeError(f"mallopt refused allocator mode {mode!r}")
+  _ALLOCATOR["mode"] = mode
+  return mode
+
+
+def parse_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+  """`p.parse_args(argv)`, with `--allocator` put in force (`pin_allocator`)."""
+  args = p.parse_args(argv)
+  args.allocator = pin_allocator(args.allocator)
+  return args
 
 
 def parse_shapes(text: str) -> list:
@@ -112,23 +160,27 @@ def time_paired(fns, input_sets, repeats: int, baseline: str, flush: bool = True
   """Round-robin timing with cold caches and rotating order; ratios paired by round.
 
   Returns:
-    {name: {"median_s", "min_s", "ratio", "ratio_lo", "ratio_hi"}} with `ratio` the median over
-    rounds of time(name) / time(baseline) in the same round (1.0 for the baseline) and
-    [`ratio_lo`, `ratio_hi`] its 95 % confidence interval (`median_interval`).
+    {name: {"median_s", "min_s", "ratio", "ratio_lo", "ratio_hi", "faults"}} with `ratio` the median
+    over rounds of time(name) / time(baseline) in the same round (1.0 for the baseline),
+    [`ratio_lo`, `ratio_hi`] its 95 % confidence interval (`median_interval`), and `faults` the
+    median number of the process's minor page faults during a timed call (None where unknown).
   """
   names = list(fns)
   for fn in fns.values():
     for inputs in input_sets:
       jax.block_until_ready(fn(*inputs))
   times = {name: [] for name in names}
+  faults = {name: [] for name in names}
   for i in range(repeats):
     inputs = input_sets[i % len(input_sets)]
     for name in names[i % len(names) :] + names[: i % len(names)]:
       if flush:
         flush_caches()
+      before = minor_page_faults()
       start = time.perf_counter()
       jax.block_until_ready(fns[name](*inputs))
       times[name].append(time.perf_counter() - start)
+      faults[name].append(None if before is None else minor_page_faults() - before)
   out = {}
   for name, t in times.items():
     ratios = [a / b for a, b in zip(t, times[baseline])]
@@ -137,9 +189,19 @@ def time_paired(fns, input_sets, repeats: int, baseline: str, flush: bool = True
       "median_s": statistics.median(t),
       "min_s": min(t),
       "ratio": statistics.median(ratios),
+      "faults": None if None in faults[name] else statistics.median(faults[name]),
     }
     out[name].update(ratio_lo=lo, ratio_hi=hi)
   return out
+
+
+def minor_page_faults():
+  """This process's minor page faults so far (all threads), or None where `resource` is missing."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top  (POSIX only)
+  except ImportError:
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median_interval(values, confidence: float = 0.95) -> tuple:
@@ -174,6 +236,7 @@ def machine() -> dict:
     "backend": jax.default_backend(),
     "devices": [str(d) for d in jax.devices()],
     "cpu_count": os.cpu_count(),
+    "allocator": _ALLOCATOR["mode"],
   }
   try:
     import flax

@@ -15,9 +15,19 @@ def _rows(name):
 def _op_warm_summary():
   payload = tables._load("op_batch_norm_warm")  # pylint: disable=protected-access
   caches = "flushed" if payload.get("cold_caches", True) else "not flushed"
-  summary = tables.markdown(tables.op_summary(payload["rows"]), tables.SUMMARY_COLUMNS)
+  rows = tables.op_summary(payload["rows"])
+  faults = tables.FAULT_COLUMNS if all("flax_faults" in r for r in rows) else []
+  summary = tables.markdown(rows, tables.SUMMARY_COLUMNS + faults)
   head = tables._machine_line(payload)  # pylint: disable=protected-access
   return f"{head} Caches {caches}.\n\n{summary}"
+
+
+@tables.register("op_batch_norm_fault_summary")
+def _op_fault_summary():
+  payload = tables._load("op_batch_norm_fault")  # pylint: disable=protected-access
+  columns = tables.SUMMARY_COLUMNS + tables.FAULT_COLUMNS
+  summary = tables.markdown(tables.op_summary(payload["rows"]), columns)
+  return tables._machine_line(payload) + "\n\n" + summary  # pylint: disable=protected-access
 
 
 def _relative_error(value):

@@ -166,7 +166,7 @@ def _table():
 def main():
   p = _common.parser("cpu_kernels", __doc__.splitlines()[0])
   p.add_argument("--shapes", default="8x28x28x128,128x14x14x128", help="NHWC, comma separated")
-  args = p.parse_args()
+  args = _common.parse_args(p)
   shapes = _common.parse_shapes(args.shapes)
   repeats = args.repeats or (20 if args.quick else 300)
   if args.quick:

@@ -125,7 +125,7 @@ def _table():
 def main():
   p = _common.parser("cpu_reductions", __doc__.splitlines()[0])
   p.add_argument("--shapes", default="64x28x28x128", help="NHWC, comma separated")
-  args = p.parse_args()
+  args = _common.parse_args(p)
   shapes = _common.parse_shapes(args.shapes)
   repeats = args.repeats or (5 if args.quick else 100)
   if args.quick:

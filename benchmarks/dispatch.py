@@ -111,7 +111,7 @@ def _table():
 
 def main():
   p = _common.parser("dispatch", __doc__.splitlines()[0])
-  args = p.parse_args()
+  args = _common.parse_args(p)
   repeats = args.repeats or (10 if args.quick else 1000)
   rows = [row for flush in (True, False) for row in run(repeats, flush)]
   print(tables.text(rows, COLUMNS))

@@ -148,7 +148,7 @@ def _table():
 
 def main():
   p = _common.parser("eval_floor", __doc__.splitlines()[0])
-  args = p.parse_args()
+  args = _common.parse_args(p)
   repeats = args.repeats or (5 if args.quick else 60)
   shapes = [(2, 4, 4, 8)] if args.quick else op_batch_norm.shapes_for("all", 8)
   dtypes = (jnp.float32, jnp.bfloat16)

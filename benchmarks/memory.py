@@ -68,7 +68,7 @@ def main():
   p = _common.parser("memory", __doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--dtypes", default="float32,bfloat16")
-  args = p.parse_args()
+  args = _common.parse_args(p)
   shapes, batch = SHAPES, args.batch
   if args.quick:
     shapes, batch = [(7, 7, 64)], 2

@@ -187,7 +187,7 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=8, help="timed steps per model")
   p.add_argument("--dtype", default="float32,bfloat16", help="compute dtypes, comma separated")
-  args = p.parse_args()
+  args = _common.parse_args(p)
   batch, steps, dtypes = args.batch, args.repeats or args.steps, args.dtype.split(",")
   if args.quick:
     batch, steps, dtypes = 4, 2, ["float32"]

@@ -59,7 +59,7 @@ def main():
   p.add_argument("--batch", type=int, default=4, help="examples per device")
   p.add_argument("--shapes", default="28x28x128,14x14x256,7x7x512")
   p.add_argument("--dtypes", default="float32,bfloat16")
-  args = p.parse_args()
+  args = _common.parse_args(p)
   shapes = _common.parse_shapes(args.shapes)
   batch, repeats, dtypes = args.batch, args.repeats or 10, args.dtypes.split(",")
   if args.quick:

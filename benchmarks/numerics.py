@@ -123,7 +123,7 @@ def main():
   p = _common.parser("numerics", __doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--channels", type=int, default=64)
-  args = p.parse_args()
+  args = _common.parse_args(p)
   shape = (2, 8, 8, 8) if args.quick else (args.batch, 56, 56, args.channels)
   rows = run(shape)
   print()

@@ -28,7 +28,8 @@ Grids (`--grid`): `resnet50`: the BatchNorm inputs of ResNet-50 (NHWC) at `--bat
 256x7x7x256); `all` (default): both.
 
 Variants: default; ghost (ghost_batch_size = batch/2); renorm; sync (axis_name over a 1-device mesh under
-shard_map, flax with the same axis_name); masked (random (N,H,W,1) mask, ~90% valid, flax with the same
+shard_map, flax with the same axis_name; an axis of one device runs normjax's local program, so the
+cross-device path is timed by `benchmarks.multi_device`); masked (random (N,H,W,1) mask, ~90% valid, flax with the same
 mask). flax has no ghost or renorm option, so those rows compare against plain flax BatchNorm.
 
 Usage:
@@ -209,6 +210,7 @@ def time_row(full, dtype, variant, mode, xs, dy, mask, impls, repeats, flush=Tru
     t = timed[impl]
     row[f"{impl}_ms"], row[f"{impl}_min_ms"] = t["median_s"] * 1e3, t["min_s"] * 1e3
     row[f"{impl}_GBps"] = FLOOR[mode] * nbytes / t["median_s"] / 1e9
+    row[f"{impl}_faults"] = t["faults"]  # median minor page faults per timed call
     if baseline is not None:
       row[f"{impl}_vs_flax"] = t["ratio"]
   if baseline is not None and "normjax" in timed:
@@ -270,7 +272,7 @@ def main():
   p.add_argument(
     "--warm-caches", action="store_true", help="do not flush the caches before each timed call"
   )
-  args = p.parse_args()
+  args = _common.parse_args(p)
   shapes = (
     shapes_for(args.grid, args.batch) if args.shapes is None else _common.parse_shapes(args.shapes)
   )

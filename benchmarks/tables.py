@@ -65,6 +65,8 @@ OP_COLUMNS = [
   ("ratio_interval", "95 % interval", "{}"),
   ("flax_two_pass_vs_flax", "flax 2-pass / flax", "{:.3f}"),
   ("normjax_GBps", "normjax GB/s (floor)", "{:.1f}"),
+  ("normjax_faults", "normjax page faults / call", "{:.0f}"),
+  ("flax_faults", "flax page faults / call", "{:.0f}"),
 ]
 
 
@@ -118,7 +120,17 @@ def op_summary(rows):
     )
     if all("normjax_xla_vs_flax" in r for r in group):  # the CPU kernel switched off
       out[-1]["xla_geo"] = _geo([r["normjax_xla_vs_flax"] for r in group])
+    for impl in ("normjax", "flax"):  # page faults per call, where the run counted them
+      counts = [r.get(f"{impl}_faults") for r in group]
+      if None not in counts:
+        out[-1][f"{impl}_faults"] = statistics.median(counts)
   return out
+
+
+FAULT_COLUMNS = [
+  ("normjax_faults", "page faults / call, normjax (median row)", "{:.0f}"),
+  ("flax_faults", "flax", "{:.0f}"),
+]
 
 
 SUMMARY_COLUMNS = [
@@ -140,12 +152,21 @@ def _load(name):
     return json.load(f)
 
 
+ALLOCATOR_NOTES = {  # `benchmarks/_common.py`'s `--allocator` modes
+  "keep": "Host memory kept in the process (`--allocator keep`: freed blocks are reused, not mapped again)",
+  "fault": "Every host block mapped afresh (`--allocator fault`: each call page-faults its outputs)",
+  "glibc": "glibc's adaptive host memory (`--allocator glibc`)",
+}
+
+
 def _machine_line(payload) -> str:
   m = payload.get("machine", {})
   parts = [m.get("cpu_model") or m.get("gpu") or m.get("backend", "?")]
   parts += [f"{m.get('cpu_count')} CPUs" if m.get("cpu_count") else None]
   parts += [f"jax {m.get('jax')}", f"flax {m.get('flax')}" if m.get("flax") else None]
-  return "Measured on: " + ", ".join(p for p in parts if p) + "."
+  line = "Measured on: " + ", ".join(p for p in parts if p) + "."
+  allocator = ALLOCATOR_NOTES.get(m.get("allocator"))  # absent before `--allocator` existed
+  return f"{line} {allocator}." if allocator else line
 
 
 def measured_rows(name: str, columns, note: str = "") -> str:
@@ -166,6 +187,8 @@ def _op_summary_table():
   columns = SUMMARY_COLUMNS
   if all("xla_geo" in r for r in summary):
     columns = columns + [("xla_geo", "XLA program / flax (geo mean)", "{:.3f}")]
+  if all("flax_faults" in r for r in summary):
+    columns = columns + FAULT_COLUMNS
   return _machine_line(payload) + "\n\n" + markdown(summary, columns)
 
 

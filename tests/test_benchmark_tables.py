@@ -2,6 +2,7 @@
 and the statistics behind their intervals (`benchmarks/_common.median_interval`)."""
 
 import os
+import platform
 import subprocess
 import sys
 from fractions import Fraction
@@ -66,3 +67,51 @@ def test_median_interval_covers_95_percent_past_a_thousand_rounds(n):
   coverage = lambda k: 1 - 2 * Fraction(sum(comb(n, j) for j in range(k)), 2**n)
   assert coverage(k) >= Fraction(95, 100) > coverage(k + 1)
   assert abs(k - (n / 2 - 1.96 * n**0.5 / 2)) < 2  # the normal approximation's rank
+
+
+_FAULTS_AFTER_PIN = """
+import resource, sys
+import numpy as np
+from benchmarks import _common
+print(_common.pin_allocator(sys.argv[1]))
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(1 << 22)  # 32 MB written and freed
+before = faults()
+for _ in range(5):
+  np.ones(1 << 21)  # 16 MB written and freed, five times
+print(faults() - before)
+"""
+
+
+def _faults_after_pin(mode):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run(
+    [sys.executable, "-c", _FAULTS_AFTER_PIN, mode],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  ).stdout.split()
+  return out[0], int(out[1])
+
+
+@pytest.mark.skipif(
+  not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_kept_host_memory_is_not_faulted_in_again():
+  """`--allocator keep`: reusing freed blocks page-faults nothing; `fault`: every block is mapped
+  afresh, so writing it faults its pages in again (5 × 16 MB: thousands of 4 KiB pages, or a few
+  dozen huge pages at the least)."""
+  assert _faults_after_pin("keep") == ("keep", 0)
+  mode, faults = _faults_after_pin("fault")
+  assert mode == "fault" and faults >= 40, faults
+
+
+def test_an_unknown_allocator_mode_is_refused():
+  with pytest.raises(ValueError, match=r"allocator mode='tcmalloc' must be one of \('keep'"):
+    _common.pin_allocator("tcmalloc")
+  p = _common.parser("x", "x")
+  assert p.parse_args([]).allocator == "keep"
+  assert _common.parse_args(p, ["--allocator", "glibc"]).allocator == "glibc"
