@@ -451,9 +451,9 @@ def _statistics_are_local(config) -> bool:
 
 
 def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
-  """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics on
-  one device (`_statistics_are_local`) without a mask and accurate statistics (not "fast"). On a TPU the Pallas
-  kernel (`pallas_batch_norm`) for one group without renorm whose blocks fit the VMEM budget; on a
+  """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics of
+  one device (`_statistics_are_local`) without a mask, accurate statistics (not "fast"). On a TPU the
+  Pallas kernel (`pallas_batch_norm`) for one group without renorm whose blocks fit the VMEM budget; on a
   CPU the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches and
   renorm (its corrections folded into the kernel's affine). (The other
   features-last steps on a CPU take their statistics from `cpu_kernel.moments` inside

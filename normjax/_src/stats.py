@@ -309,7 +309,7 @@ def _shifted_cpu(x, mask, count, *, axes, axis_name, grouped, finish):
   def counts(count, sums):
     if static is None:
       return count, sums
-    local, total = (jnp.full(count_shape, v, jnp.float32) for v in static)
+    local, total = _counts_in_branch(static, count_shape, None, None)
     return local, (total,) + tuple(sums)
 
   def second_pass(core, mask, count, sums):
@@ -365,15 +365,10 @@ def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, fin
   static = _static_counts(count, axis_name)
   if static is None:
     total, raw = collectives.cross_device_sum((count, raw), axis_name)
-  else:  # counts known at trace time are made inside the branches, where XLA folds them; passed in,
-    # each would be a kernel broadcasting a constant (three of them: 10 kernels instead of 7)
+  else:  # known at trace time: made inside the branches (`_counts_in_branch`; passed in, the three
+    # broadcasts of constants were kernels of their own: 10 instead of 7)
     total, raw = None, collectives.cross_device_sum(raw, axis_name)
-  count_shape = jnp.shape(count)
-
-  def counts(count, total):
-    if static is None:
-      return count, total
-    return tuple(jnp.full(count_shape, v, jnp.float32) for v in static)
+  counts = functools.partial(_counts_in_branch, static, jnp.shape(count))
 
   def keep(count, total, raw, mean, var):
     _, total = counts(count, total)
@@ -389,6 +384,15 @@ def _kernel_statistics(x, mask, count, shift, *, grouped, axis_name, groups, fin
   precise = _plain_sums_ok(known_total, raw[0], raw[1])
   operands = (count, total) if static is None else (None, None)
   return lowering.cond_with_1d_results(precise, keep, second_round, *operands, raw, mean, var)
+
+
+def _counts_in_branch(static, shape, count, total):
+  """`(count, total)` for a conditional's branch: as passed, or, where `_static_counts` knows them at
+  trace time (`static`), made here as constants of `shape`, which XLA folds inside the branch (passed
+  in as operands, each would be a kernel broadcasting a constant)."""
+  if static is None:
+    return count, total
+  return tuple(jnp.full(shape, v, jnp.float32) for v in static)
 
 
 def _static_counts(count, axis_name):
