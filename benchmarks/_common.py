@@ -42,6 +42,11 @@ import time
 import jax
 import numpy as np
 
+try:
+  import resource  # POSIX only: the page-fault counts of `time_paired`
+except ImportError:  # pragma: no cover
+  resource = None
+
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=description)
@@ -197,9 +202,7 @@ def time_paired(fns, input_sets, repeats: int, baseline: str, flush: bool = True
 
 def minor_page_faults():
   """This process's minor page faults so far (all threads), or None where `resource` is missing."""
-  try:
-    import resource  # pylint: disable=g-import-not-at-top  (POSIX only)
-  except ImportError:
+  if resource is None:
     return None
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

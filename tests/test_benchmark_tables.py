@@ -16,16 +16,22 @@ from benchmarks import tables
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_tables(*args):
+def _run_python(*args, check=False):
+  """`python *args` in the repository root with it on the path; the completed process."""
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return subprocess.run(
-    [sys.executable, "-m", "benchmarks.tables", *args],
+    [sys.executable, *args],
     cwd=ROOT,
     env=env,
     capture_output=True,
     text=True,
     timeout=300,
+    check=check,
   )
+
+
+def _run_tables(*args):
+  return _run_python("-m", "benchmarks.tables", *args)
 
 
 def test_benchmarks_md_is_up_to_date():
@@ -84,16 +90,7 @@ print(faults() - before)
 
 
 def _faults_after_pin(mode):
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  out = subprocess.run(
-    [sys.executable, "-c", _FAULTS_AFTER_PIN, mode],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    check=True,
-  ).stdout.split()
+  out = _run_python("-c", _FAULTS_AFTER_PIN, mode, check=True).stdout.split()
   return out[0], int(out[1])
 
 
