@@ -4,8 +4,14 @@ Fixtures live in `conftest.py`; these are ordinary functions so a test module ca
 (e.g. inside `pytest.mark.parametrize`).
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def normal_data(shape, mean=0.0, std=1.0, seed=0, dtype=np.float32) -> np.ndarray:
@@ -44,3 +50,19 @@ def needs_cpu_kernel():
     reason="no C++ compiler: BatchNorm uses the XLA program on this host",
   )
   return [skip, pytest.mark.usefixtures("cpu_kernel_always")]
+
+
+def run_python(*args, check=False, env=None):
+  """`python *args` in the repository root with it on the path (and `env` added to the environment);
+  the completed process, its output captured as text."""
+  env = dict(os.environ, **(env or {}))
+  env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=check,
+  )

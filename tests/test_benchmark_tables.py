@@ -1,9 +1,7 @@
 """BENCHMARKS.md's tables are what `benchmarks/results/*.json` give (`python -m benchmarks.tables`),
 and the statistics behind their intervals (`benchmarks/_common.median_interval`)."""
 
-import os
 import platform
-import subprocess
 import sys
 from fractions import Fraction
 from math import comb
@@ -12,26 +10,11 @@ import pytest
 
 from benchmarks import _common
 from benchmarks import tables
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run_python(*args, check=False):
-  """`python *args` in the repository root with it on the path; the completed process."""
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run(
-    [sys.executable, *args],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=check,
-  )
+from tests import helpers
 
 
 def _run_tables(*args):
-  return _run_python("-m", "benchmarks.tables", *args)
+  return helpers.run_python("-m", "benchmarks.tables", *args)
 
 
 def test_benchmarks_md_is_up_to_date():
@@ -90,7 +73,7 @@ print(faults() - before)
 
 
 def _faults_after_pin(mode):
-  out = _run_python("-c", _FAULTS_AFTER_PIN, mode, check=True).stdout.split()
+  out = helpers.run_python("-c", _FAULTS_AFTER_PIN, mode, check=True).stdout.split()
   return out[0], int(out[1])
 
 

@@ -2,6 +2,8 @@
 in-kernel second pass, rounding, the fallback without a compiler, and the training step that uses it."""
 
 import functools
+import platform
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -42,7 +44,9 @@ def _inputs(shape, dtype, mean=0.5, std=2.0, seed=0):
   return x, scale, bias
 
 
-@pytest.mark.parametrize("shape", [(2, 1), (16, 3), (4, 5, 7, 64), (64, 28, 28, 8)], ids=str)
+@pytest.mark.parametrize(
+  "shape", [(2, 1), (16, 3), (6, 7, 33), (4, 5, 7, 64), (700, 100), (64, 28, 28, 8)], ids=str
+)
 @pytest.mark.parametrize(
   "dtype, out_dtype",
   [
@@ -53,7 +57,8 @@ def _inputs(shape, dtype, mean=0.5, std=2.0, seed=0):
   ],
 )
 def test_matches_float64_reference(shape, dtype, out_dtype):
-  """(64, 28, 28, 8) has 401,408 elements: its rows are split over two threads."""
+  """(64, 28, 28, 8) has 401,408 elements and (700, 100) 70,000: their rows are split over two
+  threads. The kernel sums 32 features at a time: 33 and 100 leave a partial tile."""
   x, scale, bias = _inputs(shape, dtype)
   y, mean, var = jax.jit(
     functools.partial(cpu_kernel.statistics_and_normalize, epsilon=EPS, dtype=out_dtype)
@@ -65,6 +70,35 @@ def test_matches_float64_reference(shape, dtype, out_dtype):
   np.testing.assert_allclose(var, want_var, rtol=1e-5)  # float32 block sums: a few eps·√rows
   tolerance = 2e-5 if out_dtype == "float32" else 1e-2
   np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=tolerance, atol=tolerance)
+
+
+_FRESH_PAGES = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from benchmarks import _common
+from normjax._src import cpu_kernel
+_common.pin_allocator("fault")  # every output block mapped afresh: its first page is not resident
+x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (8, 56, 56, 64)), sys.argv[1])
+y, mean, var = jax.jit(lambda x: cpu_kernel.statistics_and_normalize(
+    x, jnp.ones(64), jnp.zeros(64), epsilon=1e-5))(x)
+xd = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, 64)
+want = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5)
+print(np.abs(np.asarray(y, np.float64).reshape(-1, 64) - want).max())
+"""
+
+
+@pytest.mark.skipif(
+  not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_in_freshly_mapped_pages(dtype):
+  """The kernel maps a fresh output's pages in one call (`Populate`, MADV_POPULATE_WRITE) before
+  writing y: y is still every element right, on two threads, with the benchmarks' `fault` allocator
+  (every block of 128 KiB or more mapped afresh)."""
+  result = helpers.run_python(
+    "-c", _FRESH_PAGES, dtype, env={"NORMJAX_CPU_KERNEL": "always"}, check=True
+  )
+  assert float(result.stdout.split()[-1]) < (2e-5 if dtype == "float32" else 2e-2), result.stdout
 
 
 def test_groups_have_their_own_statistics():

@@ -3,13 +3,15 @@
 // x is (groups, rows, C), features last and contiguous (row-major); each group (a ghost batch, or the
 // whole batch) has its own statistics. Per group: pass 1 sums x - K and (x - K)^2 per feature with K
 // the mean of the first valid rows (at most 16) of x, in float32 blocks of 16 and 512 rows added into
-// double accumulators; when any feature's mean lies more than 3 standard deviations from its K (where
-// the shifted sums could lose digits) a second pass computes the mean squared deviation from the mean,
-// exactly as a two-pass algorithm. The rows are split over XLA's intra-op thread pool.
+// double accumulators (the 16-row sums held in registers, 32 features at a time); when any feature's
+// mean lies more than 3 standard deviations from its K (where the shifted sums could lose digits) a
+// second pass computes the mean squared deviation from the mean, exactly as a two-pass algorithm.
+// The rows are split over XLA's intra-op thread pool.
 //
 // NormjaxBatchNormForward: the statistics, then y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias
-// rounded once to y's dtype (a second read of x); with Batch Renormalization's corrections r and d
-// folded into the scale and bias when the running statistics and limits are given.
+// rounded once to y's dtype (a second read of x; y's pages mapped in one call where malloc handed
+// back fresh memory); with Batch Renormalization's corrections r and d folded into the scale and
+// bias when the running statistics and limits are given.
 // NormjaxBatchNormMoments: the statistics only, over the rows flagged valid (BatchNorm's masks; a
 // masked row is never read), for steps whose normalization XLA computes (masks, axis_name).
 //
@@ -22,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <thread>
 #include <vector>
 
@@ -36,6 +40,7 @@ constexpr int64_t kBlockRows = 512;  // added in float32 over this many, then in
 constexpr int64_t kProbeRows = 16;      // K: the mean of at most this many leading rows
 constexpr int64_t kMinShard = 1 << 15;  // elements per thread below which one thread runs it all
 constexpr double kShiftLimit = 9.0;     // second pass when (mean - K)^2 > 9 var for a feature
+constexpr int64_t kTile = 32;           // features whose partial sums stay in registers
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
 
@@ -77,35 +82,50 @@ void ForEachShard(ffi::ThreadPool& pool, int64_t shards, const F& shard) {
   while (progress->finished.load(std::memory_order_acquire) < shards) std::this_thread::yield();
 }
 
+// Sums of rows [s0, s1) of the feature columns [j0, j0 + w) (w <= kTile) of x - K, and of their
+// squares, in float32 registers, added into m1, m2 (C entries). Inlined with w == kTile, the compiler
+// keeps the partial sums of a tile in vector registers, so each element costs one load.
+template <typename T>
+__attribute__((always_inline)) inline void TileSums(const T* __restrict x, const uint8_t* valid,
+                                                    int64_t s0, int64_t s1, int64_t c, int64_t j0,
+                                                    int64_t w, const float* __restrict k,
+                                                    float* __restrict m1, float* __restrict m2) {
+  float shift[kTile], b1[kTile] = {}, b2[kTile] = {};
+  for (int64_t j = 0; j < w; ++j) shift[j] = k[j0 + j];
+  for (int64_t r = s0; r < s1; ++r) {
+    if (valid != nullptr && !valid[r]) continue;  // a masked row: skipped, whatever it holds
+    const T* row = x + r * c + j0;
+    for (int64_t j = 0; j < w; ++j) {
+      const float d = Load(row, j) - shift[j];
+      b1[j] += d;
+      b2[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    m1[j0 + j] += b1[j];
+    m2[j0 + j] += b2[j];
+  }
+}
+
 // Per-feature sums over the valid rows (all when `valid` is null) of [begin, end) of x - K and
 // (x - K)^2 added into acc1, acc2 (C entries):
 // float32 sums of 16 rows, added in float32 over 512 rows, then into the double accumulators (a
-// blocked summation: its rounding error grows with 16 + 32 terms, not with the row count).
+// blocked summation: its rounding error grows with 16 + 32 terms, not with the row count). The 16
+// rows are summed a tile of kTile features at a time.
 template <typename T>
 void ShiftedSums(const T* x, const uint8_t* valid, int64_t begin, int64_t end, int64_t c,
                  const float* k, double* acc1, double* acc2) {
-  std::vector<float> b1(c), b2(c), m1(c), m2(c);
+  std::vector<float> m1(c), m2(c);
+  const int64_t tiled = c - c % kTile;
   for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
     std::fill(m1.begin(), m1.end(), 0.0f);
     std::fill(m2.begin(), m2.end(), 0.0f);
     const int64_t r1 = std::min(end, r0 + kBlockRows);
     for (int64_t s0 = r0; s0 < r1; s0 += kSubRows) {
-      std::fill(b1.begin(), b1.end(), 0.0f);
-      std::fill(b2.begin(), b2.end(), 0.0f);
       const int64_t s1 = std::min(r1, s0 + kSubRows);
-      for (int64_t r = s0; r < s1; ++r) {
-        if (valid != nullptr && !valid[r]) continue;  // a masked row: skipped, whatever it holds
-        const int64_t row = r * c;
-        for (int64_t j = 0; j < c; ++j) {
-          const float d = Load(x, row + j) - k[j];
-          b1[j] += d;
-          b2[j] += d * d;
-        }
-      }
-      for (int64_t j = 0; j < c; ++j) {
-        m1[j] += b1[j];
-        m2[j] += b2[j];
-      }
+      for (int64_t j0 = 0; j0 < tiled; j0 += kTile)
+        TileSums(x, valid, s0, s1, c, j0, kTile, k, m1.data(), m2.data());
+      if (tiled < c) TileSums(x, valid, s0, s1, c, tiled, c - tiled, k, m1.data(), m2.data());
     }
     for (int64_t j = 0; j < c; ++j) {
       acc1[j] += m1[j];
@@ -210,6 +230,36 @@ void Affine(const float* scale, const float* bias, const Renorm& renorm, float e
   }
 }
 
+// y = (x - mean) * a + b per feature for rows [begin, end) of x (rows, C); y never overlaps x or the
+// per-feature vectors (restrict: no alias checks in the loop).
+template <typename TX, typename TY>
+void Normalize(const TX* __restrict x, int64_t begin, int64_t end, int64_t c,
+               const float* __restrict mean, const float* __restrict a, const float* __restrict b,
+               TY* __restrict y) {
+  for (int64_t r = begin; r < end; ++r) {
+    const TX* __restrict xr = x + r * c;
+    TY* __restrict yr = y + r * c;
+    for (int64_t j = 0; j < c; ++j) Store(yr, j, (Load(xr, j) - mean[j]) * a[j] + b[j]);
+  }
+}
+
+// Maps the whole pages of [first, last) in one system call (MADV_POPULATE_WRITE, Linux 5.14+) rather
+// than one page fault each, when its first page is not mapped yet: XLA:CPU's buffers come from
+// malloc, which may hand back freshly mapped memory (see BENCHMARKS.md, "Page faults"). One
+// `mincore` call otherwise. A no-op where the kernel lacks either or the range holds no whole page.
+template <typename T>
+void Populate(T* first, T* last) {
+#ifdef MADV_POPULATE_WRITE
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(first) + page - 1) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(last) & ~(page - 1);
+  unsigned char resident = 1;
+  if (end <= begin || mincore(reinterpret_cast<void*>(begin), page, &resident) != 0 || resident & 1)
+    return;
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#endif
+}
+
 template <typename TX, typename TY>
 void Forward(ffi::ThreadPool& pool, const TX* x, const float* scale, const float* bias,
              const Renorm& renorm, float epsilon, int64_t rows, int64_t c, TY* y, float* mean,
@@ -220,11 +270,8 @@ void Forward(ffi::ThreadPool& pool, const TX* x, const float* scale, const float
   Affine(scale, bias, renorm, epsilon, mean, var, c, a.data(), b.data());
   ForEachShard(pool, shards.count, [&](int64_t t) {
     auto [begin, end] = shards.Bounds(t);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t row = r * c;
-      for (int64_t j = 0; j < c; ++j)
-        Store(y, row + j, (Load(x, row + j) - mean[j]) * a[j] + b[j]);
-    }
+    Populate(y + begin * c, y + end * c);
+    Normalize(x, begin, end, c, mean, a.data(), b.data(), y);
   });
 }
 
