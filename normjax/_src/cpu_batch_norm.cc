@@ -3,7 +3,7 @@
 // x is (groups, rows, C), features last and contiguous (row-major); each group (a ghost batch, or the
 // whole batch) has its own statistics. Per group: pass 1 sums x - K and (x - K)^2 per feature with K
 // the mean of the first valid rows (at most 16) of x, in float32 blocks of 16 and 512 rows added into
-// double accumulators (the 16-row sums held in registers, 32 features at a time); when any feature's
+// double accumulators (the 16-row sums held in vector registers, up to 128 features at a time); when any feature's
 // mean lies more than 3 standard deviations from its K (where the shifted sums could lose digits) a
 // second pass computes the mean squared deviation from the mean, exactly as a two-pass algorithm.
 // The rows are split over XLA's intra-op thread pool.
@@ -40,7 +40,11 @@ constexpr int64_t kBlockRows = 512;  // added in float32 over this many, then in
 constexpr int64_t kProbeRows = 16;      // K: the mean of at most this many leading rows
 constexpr int64_t kMinShard = 1 << 15;  // elements per thread below which one thread runs it all
 constexpr double kShiftLimit = 9.0;     // second pass when (mean - K)^2 > 9 var for a feature
-constexpr int64_t kTile = 32;           // features whose partial sums stay in registers
+#ifdef __AVX512F__  // features whose partial sums (and K) the vector registers hold: 3 x 8 of 32
+constexpr int64_t kRegisterTile = 128;
+#else  // 3 x 4 of AVX2's 16
+constexpr int64_t kRegisterTile = 32;
+#endif
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
 
@@ -82,15 +86,15 @@ void ForEachShard(ffi::ThreadPool& pool, int64_t shards, const F& shard) {
   while (progress->finished.load(std::memory_order_acquire) < shards) std::this_thread::yield();
 }
 
-// Sums of rows [s0, s1) of the feature columns [j0, j0 + w) (w <= kTile) of x - K, and of their
-// squares, in float32 registers, added into m1, m2 (C entries). Inlined with w == kTile, the compiler
-// keeps the partial sums of a tile in vector registers, so each element costs one load.
-template <typename T>
+// Sums of rows [s0, s1) of the feature columns [j0, j0 + w) (w <= W) of x - K, and of their squares,
+// added into m1, m2 (C entries). Inlined with w == W (a compile-time tile), the compiler keeps the
+// tile's partial sums in vector registers, so each element costs one load.
+template <int64_t W, typename T>
 __attribute__((always_inline)) inline void TileSums(const T* __restrict x, const uint8_t* valid,
                                                     int64_t s0, int64_t s1, int64_t c, int64_t j0,
                                                     int64_t w, const float* __restrict k,
                                                     float* __restrict m1, float* __restrict m2) {
-  float shift[kTile], b1[kTile] = {}, b2[kTile] = {};
+  float shift[W], b1[W] = {}, b2[W] = {};
   for (int64_t j = 0; j < w; ++j) shift[j] = k[j0 + j];
   for (int64_t r = s0; r < s1; ++r) {
     if (valid != nullptr && !valid[r]) continue;  // a masked row: skipped, whatever it holds
@@ -107,25 +111,35 @@ __attribute__((always_inline)) inline void TileSums(const T* __restrict x, const
   }
 }
 
+// TileSums over the features [j0, C) of rows [s0, s1): tiles of W features while that many are left,
+// then of W / 2, ..., 32, then the rest. With W the most partial sums the registers hold, the rows of
+// up to W features are read in order (which the hardware prefetcher streams best).
+template <int64_t W, typename T>
+void SubBlockSums(const T* x, const uint8_t* valid, int64_t s0, int64_t s1, int64_t c, int64_t j0,
+                  const float* k, float* m1, float* m2) {
+  for (; c - j0 >= W; j0 += W) TileSums<W>(x, valid, s0, s1, c, j0, W, k, m1, m2);
+  if constexpr (W > 32) {
+    SubBlockSums<W / 2>(x, valid, s0, s1, c, j0, k, m1, m2);
+  } else if (j0 < c) {
+    TileSums<W>(x, valid, s0, s1, c, j0, c - j0, k, m1, m2);
+  }
+}
+
 // Per-feature sums over the valid rows (all when `valid` is null) of [begin, end) of x - K and
 // (x - K)^2 added into acc1, acc2 (C entries):
 // float32 sums of 16 rows, added in float32 over 512 rows, then into the double accumulators (a
-// blocked summation: its rounding error grows with 16 + 32 terms, not with the row count). The 16
-// rows are summed a tile of kTile features at a time.
+// blocked summation: its rounding error grows with 16 + 32 terms, not with the row count).
 template <typename T>
 void ShiftedSums(const T* x, const uint8_t* valid, int64_t begin, int64_t end, int64_t c,
                  const float* k, double* acc1, double* acc2) {
   std::vector<float> m1(c), m2(c);
-  const int64_t tiled = c - c % kTile;
   for (int64_t r0 = begin; r0 < end; r0 += kBlockRows) {
     std::fill(m1.begin(), m1.end(), 0.0f);
     std::fill(m2.begin(), m2.end(), 0.0f);
     const int64_t r1 = std::min(end, r0 + kBlockRows);
     for (int64_t s0 = r0; s0 < r1; s0 += kSubRows) {
-      const int64_t s1 = std::min(r1, s0 + kSubRows);
-      for (int64_t j0 = 0; j0 < tiled; j0 += kTile)
-        TileSums(x, valid, s0, s1, c, j0, kTile, k, m1.data(), m2.data());
-      if (tiled < c) TileSums(x, valid, s0, s1, c, tiled, c - tiled, k, m1.data(), m2.data());
+      SubBlockSums<kRegisterTile>(x, valid, s0, std::min(r1, s0 + kSubRows), c, 0, k, m1.data(),
+                                  m2.data());
     }
     for (int64_t j = 0; j < c; ++j) {
       acc1[j] += m1[j];
