@@ -5,6 +5,7 @@ Fixtures live in `conftest.py`; these are ordinary functions so a test module ca
 """
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -66,3 +67,9 @@ def run_python(*args, check=False, env=None):
     timeout=300,
     check=check,
   )
+
+
+needs_glibc = pytest.mark.skipif(
+  not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+  reason="glibc only (the benchmarks' host-memory modes call its mallopt)",
+)

@@ -1,8 +1,6 @@
 """BENCHMARKS.md's tables are what `benchmarks/results/*.json` give (`python -m benchmarks.tables`),
 and the statistics behind their intervals (`benchmarks/_common.median_interval`)."""
 
-import platform
-import sys
 from fractions import Fraction
 from math import comb
 
@@ -77,9 +75,7 @@ def _faults_after_pin(mode):
   return out[0], int(out[1])
 
 
-@pytest.mark.skipif(
-  not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
-)
+@helpers.needs_glibc
 def test_kept_host_memory_is_not_faulted_in_again():
   """`--allocator keep`: reusing freed blocks page-faults nothing; `fault`: every block is mapped
   afresh, so writing it faults its pages in again (5 × 16 MB: thousands of 4 KiB pages, or a few

@@ -2,8 +2,6 @@
 in-kernel second pass, rounding, the fallback without a compiler, and the training step that uses it."""
 
 import functools
-import platform
-import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -78,27 +76,37 @@ import jax, jax.numpy as jnp, numpy as np
 from benchmarks import _common
 from normjax._src import cpu_kernel
 _common.pin_allocator("fault")  # every output block mapped afresh: its first page is not resident
-x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (8, 56, 56, 64)), sys.argv[1])
-y, mean, var = jax.jit(lambda x: cpu_kernel.statistics_and_normalize(
-    x, jnp.ones(64), jnp.zeros(64), epsilon=1e-5))(x)
-xd = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, 64)
-want = (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5)
-print(np.abs(np.asarray(y, np.float64).reshape(-1, 64) - want).max())
+x = jnp.asarray(np.load(sys.argv[1])).astype(sys.argv[4])  # bfloat16 values, exact in float32
+y, _, _ = jax.jit(lambda x, s, b: cpu_kernel.statistics_and_normalize(x, s, b, epsilon=float(sys.argv[3])))(
+    x, jnp.asarray(np.load(sys.argv[1].replace("x.npy", "scale.npy"))),
+    jnp.asarray(np.load(sys.argv[1].replace("x.npy", "bias.npy"))))
+np.save(sys.argv[2], np.asarray(y, np.float32))
 """
 
 
-@pytest.mark.skipif(
-  not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
-)
+@helpers.needs_glibc
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_output_in_freshly_mapped_pages(dtype):
+def test_output_in_freshly_mapped_pages(dtype, tmp_path):
   """The kernel maps a fresh output's pages in one call (`Populate`, MADV_POPULATE_WRITE) before
   writing y: y is still every element right, on two threads, with the benchmarks' `fault` allocator
-  (every block of 128 KiB or more mapped afresh)."""
-  result = helpers.run_python(
-    "-c", _FRESH_PAGES, dtype, env={"NORMJAX_CPU_KERNEL": "always"}, check=True
+  (every block of 128 KiB or more mapped afresh), in a subprocess."""
+  x, scale, bias = _inputs((8, 56, 56, 64), dtype, mean=3.0)
+  for name, value in (("x", x), ("scale", scale), ("bias", bias)):
+    np.save(tmp_path / f"{name}.npy", np.asarray(value, np.float32))
+  helpers.run_python(
+    "-c",
+    _FRESH_PAGES,
+    str(tmp_path / "x.npy"),
+    str(tmp_path / "y.npy"),
+    str(EPS),
+    dtype,
+    env={"NORMJAX_CPU_KERNEL": "always"},
+    check=True,
   )
-  assert float(result.stdout.split()[-1]) < (2e-5 if dtype == "float32" else 2e-2), result.stdout
+  want_y = _reference(x, scale, bias)[0]
+  tolerance = 2e-5 if dtype == "float32" else 1e-2
+  y = np.load(tmp_path / "y.npy").astype(np.float64)
+  np.testing.assert_allclose(y, want_y, rtol=tolerance, atol=tolerance)
 
 
 def test_groups_have_their_own_statistics():
