@@ -44,6 +44,7 @@ import optax
 import normjax
 import normjax.linen as njl
 import normjax.nnx as njn
+from normjax._src import compat
 
 try:
   import equinox as eqx
@@ -216,6 +217,8 @@ class EqxDriver:
     if isinstance(state, dict):  # a stateless layer
       return jax.vmap(lambda xi: model(xi))(x), state
     one = lambda xi, s: model(xi, s, **kwargs)  # noqa: E731
+    # inside shard_map each device keeps its own running state: typed as varying like the data
+    state = jax.tree.map(lambda s: compat.vary_like(x, s), state)
     return jax.vmap(one, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
 
 

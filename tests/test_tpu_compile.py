@@ -14,7 +14,9 @@ optimized HLO and the compiler's analyses say:
     on 64 chips and by one all-reduce on 16 (2 groups); an inner axis of a 2-D mesh gives replica
     groups of the group size;
   * normjax's BatchNorm fwd+bwd moves no more bytes (the compiler's cost model) than flax's;
-  * registry layers and the MNIST CNN train step compile; per-device memory of the step is flat from
+  * registry layers compile with `shard_map`'s varying-axis checks on (also synchronized statistics
+    over a `vmap` axis: the core layer with `axis_index_groups` and the Equinox face), and the MNIST
+    CNN train step compiles; per-device memory of the step is flat from
     4 to 16 chips at a fixed batch per device.
 
 Run: `TPU_SKIP_MDS_QUERY=1 python -m pytest -q tests/test_tpu_compile.py` in an environment with
@@ -138,7 +140,16 @@ def test_normjax_moves_no_more_bytes_than_flax(dtype):
 
 
 @pytest.mark.parametrize("slice_name", ["v5e:1", SLICE])
-@pytest.mark.parametrize("entry", ["batch_norm", "linen.BatchNorm", "nnx.BatchNorm"])
+@pytest.mark.parametrize(
+  "entry",
+  [
+    "batch_norm",
+    "linen.BatchNorm",
+    "nnx.BatchNorm",
+    "batch_norm/axis_index_groups",  # statistics over a vmap axis: with the varying-axis checks on
+    "equinox.BatchNorm",
+  ],
+)
 def test_registry_layers_compile(entry, slice_name):
   from tests import registry  # pylint: disable=g-import-not-at-top
 

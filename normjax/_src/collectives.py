@@ -18,7 +18,9 @@ implemented here portably, in one of three ways (`cross_device_sum` picks the on
 With the permutes nothing crosses a group boundary and each round carries one copy of the value; they
 are chosen when their rounds are fewer than the groups (`permute_rounds`). E.g. pairs of devices on a
 256-device slice send one vector per device instead of an all-reduce of 128 of them, and groups of 8
-(one host's devices) take 3 rounds.
+(one host's devices) take 3 rounds. Over a `vmap` axis groups always take the one all-reduce, which
+there is an in-memory sum over the batch (`ppermute` over a vmap axis fails where `psum` does: see
+`vmap_axis_sum`).
 """
 
 from typing import Optional, Sequence
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from normjax._src import compat
+from normjax._src import compat, vmap_axis_sum
 
 AxisIndexGroups = Optional[Sequence[Sequence[int]]]
 
@@ -63,7 +65,7 @@ def cross_device_sum(tree, axis_name, axis_index_groups: AxisIndexGroups = None)
     return _psum_leaves(tree, axis_name)
   check_axis_index_groups(axis_index_groups, _static_axis_size(axis_name))
   groups = [[int(i) for i in group] for group in axis_index_groups]
-  if permute_rounds(groups) >= len(groups):
+  if permute_rounds(groups) >= len(groups) or vmap_axis_sum.split_axes(axis_name)[1]:
     return _sum_by_one_all_reduce(tree, axis_name, groups)
   if _butterfly_size(groups):
     return _sum_by_butterfly(tree, axis_name, groups)
@@ -146,12 +148,25 @@ def _sum_by_permutes(tree, axis_name, groups):
   return jax.tree_util.tree_map(summed, tree)
 
 
+def _axis_index(axis_name):
+  """`jax.lax.axis_index` over mesh axes, `vmap_axis_sum.vmap_axis_index` over one vmap axis."""
+  mesh_axes, vmap_axes = vmap_axis_sum.split_axes(axis_name)
+  if not vmap_axes:
+    return jax.lax.axis_index(axis_name)
+  if mesh_axes or len(vmap_axes) > 1:
+    raise NotImplementedError(
+      f"axis_name={axis_name!r} with axis_index_groups: groups over several axes, one of them a "
+      "vmap axis, are not supported; expected one vmap axis or only mesh axes"
+    )
+  return vmap_axis_sum.vmap_axis_index(vmap_axes[0])
+
+
 def _sum_by_one_all_reduce(tree, axis_name, groups):
   """Each leaf summed within each group by one `psum` of a (groups, ...) array (see module doc)."""
   group_of = np.zeros(max(i for g in groups for i in g) + 1, np.int32)
   for gid, group in enumerate(groups):
     group_of[np.asarray(group, np.int32)] = gid
-  my_group = jnp.asarray(group_of)[jax.lax.axis_index(axis_name)]
+  my_group = jnp.asarray(group_of)[_axis_index(axis_name)]
   onehot = jnp.arange(len(groups)) == my_group
 
   def scatter(leaf):
@@ -186,4 +201,11 @@ def _psum_leaves(tree, axis_name):
   reverse mode through synchronized statistics crashed there. Per-leaf sums are the same numbers; XLA's
   all-reduce combiner merges the small collectives again where that pays.
   """
-  return jax.tree_util.tree_map(lambda leaf: jax.lax.psum(leaf, axis_name), tree)
+  mesh_axes, vmap_axes = vmap_axis_sum.split_axes(axis_name)
+
+  def summed(leaf):
+    if vmap_axes:  # where psum over them fails (vmap_axis_sum's doc); the same program elsewhere
+      leaf = vmap_axis_sum.vmap_axis_sum(leaf, vmap_axes)
+    return jax.lax.psum(leaf, mesh_axes) if mesh_axes else leaf
+
+  return jax.tree_util.tree_map(summed, tree)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from normjax._src import batch_norm as bn_lib
 from normjax._src import collectives
+from normjax._src import compat
 from normjax._src import modes
 from normjax._src import validation
 
@@ -423,6 +424,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       new_state = grouped_running_update(
         config, bn_state, group_moments, _example_count(x, mask), config.axis_name
       )
+    _check_state_varies_like(bn_state, new_state)
     return y[0], state.set(self.state_index, new_state)
 
   def _check_input(self, x):
@@ -446,3 +448,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
       return config
     groups = ghost_groups(size, config.ghost_batch_size, config.ghost_grouping)
     return dataclasses.replace(config, ghost_batch_size=None, axis_index_groups=groups)
+
+
+def _check_state_varies_like(old, new):
+  """ValueError when the updated running statistics vary over `shard_map` axes the old ones do not.
+
+  Inside `shard_map(check_vma=True)` statistics reduced over the examples of one device (a vmap axis)
+  differ per device, so the new running state varies over the mesh axes; `eqx.nn.State.set` then
+  refuses it with a message that prints the same shapes twice. This names the axes and the two fixes.
+  """
+  missing = sorted(compat.vma(new.mean) - compat.vma(old.mean))
+  if missing:
+    raise ValueError(
+      f"{_LAYER}: the updated running statistics vary over the shard_map axes {missing} (each "
+      "device's batch statistics differ) but the state passed in does not. Pass the state varying "
+      f"over them (e.g. jax.lax.pcast(state, {tuple(missing)}, to='varying'), or in_specs that "
+      "split it), or synchronize the statistics over them too: "
+      f"axis_name={tuple(missing) + ('<the vmap axis>',)}"
+    )
