@@ -29,7 +29,7 @@ and printed at the end, and the exit status is then 1.
 
 All figures are the TPU compiler's cost model and buffer assignment, not timings.
 
-Usage (libtpu needed: `pip install -e '.[tpu-aot]'`):
+Usage (libtpu needed: `pip install -e '.[tpu-aot,equinox]'`):
   python -m benchmarks.tpu_compile                  # the full matrix (hours on 2 cores)
   python -m benchmarks.tpu_compile --ci             # a subset: a few minutes
   python -m benchmarks.tpu_compile --parts collectives,bytes --topologies v5e:2x2,v5e:16x16
@@ -1388,7 +1388,7 @@ def main(argv=None):
   if "JAX_PLATFORMS" not in os.environ:  # compile-only: the host's CPU runs the (tiny) inits
     jax.config.update("jax_platforms", "cpu")
   if not _tpu.libtpu_available():
-    sys.exit("benchmarks.tpu_compile needs libtpu (pip install -e '.[tpu-aot]')")
+    sys.exit("benchmarks.tpu_compile needs libtpu (pip install -e '.[tpu-aot,equinox]')")
   if args.msa == "off":  # read by libtpu when it loads, at the first topology below
     os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {MSA_OFF}".strip()
   s = _settings(args)

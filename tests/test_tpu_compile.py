@@ -20,7 +20,7 @@ optimized HLO and the compiler's analyses say:
     4 to 16 chips at a fixed batch per device.
 
 Run: `TPU_SKIP_MDS_QUERY=1 python -m pytest -q tests/test_tpu_compile.py` in an environment with
-`pip install -e '.[tpu-aot]'`. Without libtpu the module is skipped.
+`pip install -e '.[tpu-aot,equinox]'`. Without libtpu the module is skipped.
 """
 
 import functools
@@ -30,7 +30,7 @@ import pytest
 
 if importlib.util.find_spec("libtpu") is None:
   pytest.skip(
-    "libtpu is not installed: the TPU compile tests need it (pip install -e '.[tpu-aot]')",
+    "libtpu is not installed: the TPU compile tests need it (pip install -e '.[tpu-aot,equinox]')",
     allow_module_level=True,
   )
 
@@ -152,6 +152,9 @@ def test_normjax_moves_no_more_bytes_than_flax(dtype):
 )
 def test_registry_layers_compile(entry, slice_name):
   from tests import registry  # pylint: disable=g-import-not-at-top
+
+  if entry.startswith("equinox."):
+    pytest.importorskip("equinox")  # .ci/run installs normjax[tpu-aot,equinox]
 
   mesh_ = _tpu.mesh(slice_name, tc.DATA)
   row = tc.compile_registry_entry(registry.by_name(entry), jnp.bfloat16, slice_name, mesh_)
