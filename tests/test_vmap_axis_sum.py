@@ -164,3 +164,15 @@ def test_reverse_mode_of_a_jitted_vmap():
   jax.test_util.check_grads(
     jax.jit(loss), (params, x), order=1, modes=("rev",), atol=2e-2, rtol=2e-2
   )
+
+
+def test_groups_over_two_vmap_axes_count_members_row_major():
+  """Groups over `("a", "b")` (nested vmaps, 2 × 3 members) number the members as
+  `jax.lax.axis_index(("a", "b"))` does: a·3 + b."""
+  from normjax._src import collectives  # pylint: disable=g-import-not-at-top
+
+  x = jnp.arange(6.0).reshape(2, 3)
+  groups = ((0, 1, 2), (3, 4, 5))  # = the rows of x
+  inner = lambda v: collectives.cross_device_sum(v, ("a", "b"), groups)  # noqa: E731
+  got = jax.jit(jax.vmap(jax.vmap(inner, axis_name="b"), axis_name="a"))(x)
+  np.testing.assert_array_equal(got, np.repeat(np.asarray(x).sum(1, keepdims=True), 3, 1))

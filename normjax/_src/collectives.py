@@ -149,16 +149,16 @@ def _sum_by_permutes(tree, axis_name, groups):
 
 
 def _axis_index(axis_name):
-  """`jax.lax.axis_index` over mesh axes, `vmap_axis_sum.vmap_axis_index` over one vmap axis."""
-  mesh_axes, vmap_axes = vmap_axis_sum.split_axes(axis_name)
+  """`jax.lax.axis_index` (row-major over a tuple of names), with `vmap_axis_sum.vmap_axis_index`
+  for the names that are vmap axes."""
+  vmap_axes = vmap_axis_sum.split_axes(axis_name)[1]
   if not vmap_axes:
     return jax.lax.axis_index(axis_name)
-  if mesh_axes or len(vmap_axes) > 1:
-    raise NotImplementedError(
-      f"axis_name={axis_name!r} with axis_index_groups: groups over several axes, one of them a "
-      "vmap axis, are not supported; expected one vmap axis or only mesh axes"
-    )
-  return vmap_axis_sum.vmap_axis_index(vmap_axes[0])
+  index = None
+  for name in vmap_axis_sum.axis_names(axis_name):
+    one = vmap_axis_sum.vmap_axis_index(name) if name in vmap_axes else jax.lax.axis_index(name)
+    index = one if index is None else index * jax.lax.axis_size(name) + one
+  return index
 
 
 def _sum_by_one_all_reduce(tree, axis_name, groups):
@@ -185,7 +185,7 @@ def common_value(value, like, axis_name, axis_index_groups: AxisIndexGroups = No
   without checks) nothing proves it, and its mean over the devices is returned: one small collective
   that does not depend on the data, so XLA can issue it before the data exists.
   """
-  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  names = vmap_axis_sum.axis_names(axis_name)
   data_axes, value_axes = compat.vma(like), compat.vma(value)
   if all(a in data_axes for a in names) and not any(a in value_axes for a in names):
     return value

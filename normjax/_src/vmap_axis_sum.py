@@ -109,6 +109,11 @@ def split_axes(axis_name) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
   axis left the trace context. A name that nothing binds reaches lowering (or eager evaluation), which
   raises `NameError` naming it.
   """
-  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  names = axis_names(axis_name)
   manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)
   return tuple(n for n in names if n in manual), tuple(n for n in names if n not in manual)
+
+
+def axis_names(axis_name) -> Tuple[str, ...]:
+  """`axis_name` as a tuple of names (one name, or a tuple or list of them)."""
+  return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
