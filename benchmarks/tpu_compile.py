@@ -682,13 +682,16 @@ OP_IMPLS = {  # name -> (library, variant, extra normjax options)
 }
 
 
+KERNEL_IMPLS = {"normjax tpu_kernel=True": ("normjax", "default", {"tpu_kernel": True})}
+
+
 def _op_program(impl, shape, dtype, mesh_):
   """(fwd+bwd function, abstract args) of one op row: y, new state, dx, dscale, dbias."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import normjax  # pylint: disable=g-import-not-at-top
   from benchmarks import op_batch_norm  # pylint: disable=g-import-not-at-top
 
-  library, variant, extra = OP_IMPLS[impl]
+  library, variant, extra = {**OP_IMPLS, **KERNEL_IMPLS}[impl]
   x = jax.ShapeDtypeStruct(shape, dtype)
   if library == "normjax":
     bn = normjax.batch_norm(**op_batch_norm.variant_options(variant, shape[0]), **extra)
@@ -810,7 +813,7 @@ def pallas_row(shape, dtype, mesh_, failures: Failures) -> dict:
   n_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
   row = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name, "N_bytes": n_bytes}
   row["fits"] = pallas_batch_norm.fits(shape, dtype, dtype, V5E_VMEM_BUDGET)
-  programs = {"normjax Pallas": ("normjax", V5E_VMEM_BUDGET)}
+  programs = {"normjax Pallas": ("normjax tpu_kernel=True", V5E_VMEM_BUDGET)}
   programs.update({impl: (impl, 0) for impl in PALLAS_IMPLS})
   for name, (impl, budget) in programs.items():
     try:
@@ -838,7 +841,21 @@ PALLAS_SHAPES = [(OP_BATCH,) + s for s in OP_SHAPES[:4]] + [
 ]
 
 
-def run_pallas(failures: Failures, shapes, dtypes) -> List[dict]:
+PALLAS_MODELS = (  # (model, images per chip): data parallel training runs 32 per device
+  ("ResNet-18 CIFAR", 32),
+  ("ResNet-18 CIFAR", 64),
+  ("ResNet-50 ImageNet", 32),
+)
+PALLAS_MODEL_LABELS = {"normjax Pallas": "normjax tpu_kernel=True", "normjax": "normjax (default)"}
+PALLAS_MODEL_PROGRAMS = {
+  "normjax Pallas": ("normjax", V5E_VMEM_BUDGET, {"tpu_kernel": True}),
+  "normjax": ("normjax", 0),
+  "flax": ("flax", 0),
+}
+
+
+def run_pallas(failures: Failures, shapes, dtypes, models=PALLAS_MODELS) -> dict:
+  """The op rows, and whole train steps (bfloat16) with and without the kernels."""
   mesh_ = _tpu.mesh("v5e:1", BATCH)
   rows = []
   for dtype in dtypes:
@@ -846,7 +863,12 @@ def run_pallas(failures: Failures, shapes, dtypes) -> List[dict]:
       rows.append(pallas_row(tuple(shape), dtype, mesh_, failures))
       print(tables.row_line(rows[-1]), flush=True)
   check_pallas_rows(rows, failures)
-  return rows
+  model_rows = []
+  for name, batch in models:
+    model_rows += model_bytes_rows(
+      mesh_, jnp.bfloat16, [name], failures, batch=batch, programs=PALLAS_MODEL_PROGRAMS
+    )
+  return {"rows": rows, "models": model_rows}
 
 
 def check_pallas_rows(rows, failures: Failures) -> None:
@@ -900,16 +922,26 @@ MODEL_BYTES = {  # name -> (builder(norm factory, dtype), image shape, batch)
 }
 
 
-def model_bytes_rows(mesh_, dtype, names, failures: Failures) -> List[dict]:
-  """Bytes accessed of a whole train step (SGD momentum; one chip), each norm in the same model."""
+def model_bytes_rows(
+  mesh_, dtype, names, failures: Failures, *, batch=None, programs=None
+) -> List[dict]:
+  """Bytes accessed of a whole train step (SGD momentum; one chip), each norm in the same model.
+
+  `batch` overrides `MODEL_BYTES`' batch; `programs` maps a row label to `(norm, VMEM budget)` or
+  `(norm, VMEM budget, options)`: a norm of `_model_norms` with those extra options (e.g.
+  `tpu_kernel=True`), compiled with that Pallas budget (default: every norm, budget 0)."""
   from benchmarks import _tpu_models as tm  # pylint: disable=g-import-not-at-top
   from benchmarks import model_resnet18  # pylint: disable=g-import-not-at-top
 
+  norms = _model_norms(dtype)
+  programs = programs or {impl: (impl, 0) for impl in norms}
   rows = []
   for name in names:
-    kind, image_shape, batch = MODEL_BYTES[name]
+    kind, image_shape, default_batch = MODEL_BYTES[name]
+    batch = batch or default_batch
     row = {"model": name, "batch": batch, "dtype": jnp.dtype(dtype).name}
-    for impl, norm in _model_norms(dtype).items():
+    for impl, (norm_name, budget, *extra) in programs.items():
+      norm = functools.partial(norms[norm_name], **(extra[0] if extra else {}))
       if kind == "resnet18":
         model = model_resnet18.ResNet18(_positional(norm), dtype=dtype)
       else:
@@ -925,7 +957,7 @@ def model_bytes_rows(mesh_, dtype, names, failures: Failures) -> List[dict]:
         images = _tpu.global_batch((batch, *image_shape), dtype, mesh_)
         labels = _tpu.global_batch((batch,), jnp.int32, mesh_)
         step = model_resnet18.make_step(model, tx)
-        with pallas_batch_norm.assume_vmem_budget(0):  # the portable XLA program, as flax's
+        with pallas_batch_norm.assume_vmem_budget(budget):
           facts, seconds = _timed(lambda: _tpu.compile_facts(step, state, images, labels))
       except Exception as error:  # pylint: disable=broad-except
         failures.add(
@@ -934,8 +966,9 @@ def model_bytes_rows(mesh_, dtype, names, failures: Failures) -> List[dict]:
         continue
       row[f"{impl} GB"] = facts.bytes_accessed / 1e9
       row[f"{impl} memory GB"] = facts.memory_bytes / 1e9
-      compute, msa, _ = _hlo_traffic(facts.hlo)
+      compute, msa, kernels = _hlo_traffic(facts.hlo)
       row[f"{impl} compute GB"], row[f"{impl} MSA GB"] = compute / 1e9, msa / 1e9
+      row[f"{impl} kernels"] = kernels
       if impl == "normjax":
         layers, norm_bytes = tm.norm_input_bytes(model, image_shape, batch, dtype)
         row.update(norm_layers=layers, norm_N_GB=norm_bytes / 1e9)
@@ -1182,6 +1215,40 @@ def _bytes_pallas_table():
   return head + tables.markdown(rows, columns)
 
 
+@tables.register("tpu_bytes_pallas_models")
+def _bytes_pallas_models_table():
+  out = []
+  for r in _load("tpu_pallas.json").get("models", []):
+    for impl in PALLAS_MODEL_PROGRAMS:
+      if r.get(f"{impl} GB") is None:
+        continue
+      out.append(
+        {
+          "model": r["model"],
+          "batch": r["batch"],
+          "impl": PALLAS_MODEL_LABELS.get(impl, impl),
+          "kernels": r.get(f"{impl} kernels"),
+          **_versus_flax(r, impl, ""),
+          **_traffic_versus_flax(r, impl),
+          "memory": r.get(f"{impl} memory GB"),
+        }
+      )
+  columns = [
+    ("model", "model", "{}"),
+    ("batch", "batch", "{}"),
+    ("impl", "BatchNorm", "{}"),
+    ("kernels", "Pallas kernels", "{}"),
+    ("GB", "cost model GB", "{:.3f}"),
+    ("ratio", "cost model / flax", "{:.4f}"),
+    ("compute_GB", "fusions + kernels GB", "{:.3f}"),
+    ("compute_ratio", "fusions + kernels / flax", "{:.4f}"),
+    ("msa_GB", "MSA prefetches GB", "{:.3f}"),
+    ("memory", "memory GB", "{:.3f}"),
+  ]
+  head = "Train step (SGD momentum) on one v5e chip, bfloat16, BatchNorm `dtype=bfloat16`.\n\n"
+  return head + tables.markdown(out, columns)
+
+
 @tables.register("tpu_bytes_models")
 def _bytes_models_table():
   data = _load("tpu_bytes.json")
@@ -1408,8 +1475,10 @@ def main(argv=None):
       store.data.update(result)
       store.put("failures", [f for f in failures.items if f.get("part") == "bytes"])
     if "pallas" in s["parts"]:
-      rows = run_pallas(failures, PALLAS_SHAPES, s["dtypes"])
-      Store(os.path.join(args.out, OUT_FILES["pallas"]), machine).put("rows", rows)
+      result = run_pallas(failures, PALLAS_SHAPES, s["dtypes"])
+      store = Store(os.path.join(args.out, OUT_FILES["pallas"]), machine)
+      for key, value in result.items():
+        store.put(key, value)
   except Exception:  # pylint: disable=broad-except  (a bug of the suite: reported with the rest)
     failures.add("suite error", error=traceback.format_exc().strip().splitlines()[-1])
   print(f"\n{time.perf_counter() - start:.0f} s; {len(failures.items)} failure(s)")

@@ -335,6 +335,12 @@ def core_entries():
       **big,
     ),
     Entry(
+      "batch_norm/tpu_kernel",  # the Pallas kernels on a TPU (features last, 16 rows); XLA elsewhere
+      ("normjax.batch_norm",),
+      _core(bn, tpu_kernel=True),
+      shape=(2, 16, 128),
+    ),
+    Entry(
       "batch_norm/check_finite",
       ("normjax.batch_norm",),
       _core(bn, check_finite=True),

@@ -156,9 +156,10 @@ def _train_step(bn, params, state, x, dy):
   "options", [{}, {"use_scale": False}, {"debias": True, "momentum": 0.9}], ids=str
 )
 def test_tpu_branch_equals_the_portable_branch(options):
-  bn = normjax.batch_norm(epsilon=EPS, **options)
+  bn = normjax.batch_norm(epsilon=EPS, tpu_kernel=True, **options)
   x, _, _ = _inputs((8, 5, 16, 32), "float32")
-  assert "tpu" in bn_lib._kernels(bn_lib.BatchNormConfig(), x, None, (3,), x.dtype)  # pylint: disable=protected-access
+  config = bn_lib.BatchNormConfig(tpu_kernel=True)
+  assert "tpu" in bn_lib._kernels(config, x, None, (3,), x.dtype)  # pylint: disable=protected-access
   params, state = bn.init(x)
   state = state._replace(mean=state.mean + 2.0, count=jnp.asarray(3, jnp.int32))
   dy = jnp.asarray(helpers.normal_data(x.shape, seed=4))
@@ -186,11 +187,12 @@ def test_tpu_branch_equals_the_portable_branch(options):
     ({"axis": 1}, False, False),
     ({"axis_name": "batch"}, False, False),
     ({"axis": 2}, False, False),
+    ({"tpu_kernel": False}, False, False),  # the default
   ],
   ids=str,
 )
 def test_which_training_steps_a_tpu_runs_as_the_kernel(options, masked, handled):
-  config = bn_lib.BatchNormConfig(**options)
+  config = bn_lib.BatchNormConfig(**{"tpu_kernel": True, **options})
   x = jnp.ones((8, 4, 16, 16))
   mask = jnp.ones((8, 4, 16, 1), bool) if masked else None
   axes = bn_lib.feature_axes(config, x.ndim)
@@ -198,7 +200,7 @@ def test_which_training_steps_a_tpu_runs_as_the_kernel(options, masked, handled)
 
 
 def test_cpu_program_has_no_tpu_kernel(monkeypatch):
-  bn = normjax.batch_norm()
+  bn = normjax.batch_norm(tpu_kernel=True)
   x = jnp.ones((8, 4, 16, 16))
   params, state = bn.init(x)
   step = lambda p, x: jax.grad(lambda p: jnp.sum(bn.apply(p, state, x, training=True)[0]))(p)  # noqa: E731
@@ -245,7 +247,7 @@ def _instructions(hlo):
 def test_cpu_program_is_the_one_without_the_kernel(dtype):
   """A shape a TPU runs as the kernel compiles for the CPU to exactly the program of a budget that
   never takes it: staging the TPU branch changes nothing on other platforms."""
-  bn = normjax.batch_norm()
+  bn = normjax.batch_norm(tpu_kernel=True)
   x = jnp.ones((16, 16, 16, 128), dtype)
   assert pallas_batch_norm.fits(x.shape, x.dtype, x.dtype)
   params, state = bn.init(x)

@@ -211,9 +211,10 @@ def test_hlo_parser_reads_collectives_and_iota_replica_groups():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_pallas_kernel_runs_and_moves_less_than_flax(dtype):
-  """With v5e's VMEM budget a fitting shape takes the Pallas kernel, whose fwd+bwd moves no more than
-  flax's and the XLA path's, and 1 N less by the cost model (its statistics pass); a shape whose
-  layout the kernel cannot take (7×7: `pallas_batch_norm.LAYOUT`) keeps the XLA path."""
+  """With v5e's VMEM budget a fitting shape takes the Pallas forward and backward kernels, whose
+  fwd+bwd moves 5 N by its fusions and kernels (the floor: read x, write y; read x and dy, write dx)
+  against flax's 7 N (bfloat16) or 8 N (float32); a shape whose layout the kernels cannot take (7×7:
+  `pallas_batch_norm.LAYOUT`) keeps the XLA path."""
   failures = tc.Failures()
   mesh_ = _tpu.mesh("v5e:1", tc.BATCH)
   shapes = [(64, 16, 16, 256), (8, 7, 7, 512)]
@@ -222,8 +223,9 @@ def test_pallas_kernel_runs_and_moves_less_than_flax(dtype):
   tc.check_pallas_rows(rows, failures)
   assert failures.items == [], failures.items
   first = rows[0]
-  assert first["normjax Pallas kernels"] == 1, first
-  assert first["normjax Pallas cost model"] <= first["normjax cost model"] - 0.9, first
+  assert first["normjax Pallas kernels"] == 2, first
+  assert first["normjax Pallas"] <= 5.0 + tc.OP_BYTES_SLACK, first
+  assert first["flax"] >= 7.0 and first["normjax"] >= 7.0, first
   assert not rows[1]["fits"] and rows[1]["normjax Pallas kernels"] == 0, rows[1]
 
 
@@ -233,16 +235,16 @@ def test_pallas_kernel_compiles_for_each_generation(slice_name):
   import normjax  # pylint: disable=g-import-not-at-top
   from normjax._src import pallas_batch_norm  # pylint: disable=g-import-not-at-top
 
-  bn = normjax.batch_norm()
+  bn = normjax.batch_norm(tpu_kernel=True)
   x = jax.ShapeDtypeStruct((16, 16, 16, 128), jnp.bfloat16)
   params, state = jax.eval_shape(bn.init, x)
   mesh_ = Mesh(np.array(_tpu.slice_devices(slice_name)[:1]), ("one",))
   args = [_tpu.abstract(v, mesh_) for v in (params, state, x)]
 
   def step(params, state, x):
-    loss = lambda p: jnp.sum(bn.apply(p, state, x, training=True)[0].astype(jnp.float32))  # noqa: E731
-    return jax.grad(loss)(params)
+    loss = lambda p, x: jnp.sum(bn.apply(p, state, x, training=True)[0].astype(jnp.float32))  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1))(params, x)
 
   with pallas_batch_norm.assume_vmem_budget(8 * 2**20):  # within v4's 16 MiB
     hlo = jax.jit(step).lower(*args).compile().as_text()
-  assert hlo.count('custom_call_target="tpu_custom_call"') == 1, slice_name
+  assert hlo.count('custom_call_target="tpu_custom_call"') == 2, slice_name  # forward, backward

@@ -68,6 +68,7 @@ class BatchNormConfig:
   r_max: renorm_lib.ScalarOrSchedule = 3.0
   d_max: renorm_lib.ScalarOrSchedule = 5.0
   check_finite: bool = False
+  tpu_kernel: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -90,9 +91,11 @@ class BatchNormConfig:
       raise ValueError(f"ghost_batch_size={g!r} must be an int >= 2 (or None for the whole batch)")
     if self.ghost_grouping not in GHOST_GROUPINGS:
       raise ValueError(f"ghost_grouping={self.ghost_grouping!r} must be one of {GHOST_GROUPINGS}")
-    if not isinstance(self.check_finite, (bool, np.bool_)):
-      raise TypeError(f"check_finite={self.check_finite!r} must be a bool")
-    object.__setattr__(self, "check_finite", bool(self.check_finite))
+    for flag in ("check_finite", "tpu_kernel"):
+      value = getattr(self, flag)
+      if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{flag}={value!r} must be a bool")
+      object.__setattr__(self, flag, bool(value))
     if self.axis_name is None and self.axis_index_groups is not None:
       raise ValueError("axis_index_groups needs axis_name to be set")
     collectives.check_axis_index_groups(self.axis_index_groups)
@@ -452,8 +455,9 @@ def _statistics_are_local(config) -> bool:
 
 def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
   """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics of
-  one device (`_statistics_are_local`) without a mask, accurate statistics (not "fast"). On a TPU the
-  Pallas kernel (`pallas_batch_norm`) for one group without renorm whose blocks fit the VMEM budget; on a
+  one device (`_statistics_are_local`) without a mask, accurate statistics (not "fast"). On a TPU, with
+  `tpu_kernel=True`, the Pallas kernels (`pallas_batch_norm`, `pallas_backward` for the backward) for one
+  group without renorm whose blocks fit the VMEM budget; on a
   CPU the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches and
   renorm (its corrections folded into the kernel's affine). (The other
   features-last steps on a CPU take their statistics from `cpu_kernel.moments` inside
@@ -462,7 +466,8 @@ def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
   if not (plain and config.stats_method != "fast" and axes == (x.ndim - 1,)):
     return ()
   one_group = config.ghost_batch_size is None
-  tpu = one_group and not config.renorm and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
+  tpu = config.tpu_kernel and one_group and not config.renorm
+  tpu = tpu and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
   cpu = one_group or config.ghost_grouping == "consecutive"  # groups: contiguous slices of x
   cpu = cpu and cpu_kernel.handles((1,) + x.shape, x.dtype, dtype, grouped=True)
   return ("tpu",) * tpu + ("cpu",) * cpu
@@ -519,6 +524,7 @@ def batch_norm(
   r_max: renorm_lib.ScalarOrSchedule = 3.0,
   d_max: renorm_lib.ScalarOrSchedule = 5.0,
   check_finite: bool = False,
+  tpu_kernel: bool = False,
   dtype=None,
   param_dtype=jnp.float32,
 ) -> transform.Transform:
@@ -587,6 +593,14 @@ def batch_norm(
     check_finite: when training, `jax.experimental.checkify.check` that every feature with a valid
       element has finite batch statistics, so a training loop can stop at the first non-finite batch.
       Functionalize the step with `checkify.checkify(step)` (required under `jit`), then `err.throw()`.
+    tpu_kernel: on a TPU, run a plain training step (features last, no ghost batches, mask,
+      synchronization across devices or renorm, `stats_method` not "fast") as the Pallas kernels
+      (`pallas_batch_norm` forward: one read of `x`; `pallas_backward`: one read of `x` and `dy`)
+      where their blocks fit the chip's VMEM; other steps and platforms keep the XLA program. Off
+      by default: inside a network XLA fuses BatchNorm into the neighbouring convolutions and
+      elementwise ops, which a kernel prevents. Compiled for one v5e chip, a ResNet-18 CIFAR train
+      step at 32 images moves 1.41× the bytes with the kernels (BENCHMARKS.md); an isolated layer
+      moves 5 N instead of 7 N (N = the bytes of `x`). Never run on a TPU: compiler figures only.
     dtype: output dtype (default: the input's). Statistics and arithmetic are float32 (float64 for
       float64 input); the running statistics are stored in float32 always.
     param_dtype: dtype of `scale` and `bias` (default float32).
@@ -603,7 +617,8 @@ def batch_norm(
       at trace time: an axis out of range, a ghost batch size that does not divide the batch, a mask
       of another rank (other than a 1-D per-example mask) or that does not broadcast, params/state that
       do not match `x`, or a single element per feature in a statistics group when training.
-    TypeError: integer or boolean `x`, a non-boolean mask, a non-bool `training` or `check_finite`.
+    TypeError: integer or boolean `x`, a non-boolean mask, a non-bool `training`, `check_finite` or
+      `tpu_kernel`.
 
   Example:
     >>> import jax, jax.numpy as jnp, normjax

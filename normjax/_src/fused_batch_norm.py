@@ -40,6 +40,7 @@ from normjax._src import compat
 from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
 from normjax._src import cpu_kernel
+from normjax._src import kernel_tangent
 from normjax._src import pallas_batch_norm
 from normjax._src import renorm as renorm_lib
 from normjax._src import stats
@@ -320,8 +321,10 @@ def statistics_and_normalize(
   `kernel="pallas"`: the Pallas TPU kernel (`pallas_batch_norm.statistics_and_normalize`) reads `x`
   once for the statistics and the normalization; `kernel="cpu"`: the XLA:CPU custom call
   (`cpu_kernel.statistics_and_normalize`) reads it twice. Its derivative is the rule of
-  `normalize_training` (no mask; renorm's r and d constant), evaluated by XLA: forward mode and
-  higher orders work, and reverse mode runs the portable closed-form backward. The statistics'
+  `normalize_training` (no mask; renorm's r and d constant): forward mode and higher orders evaluate
+  it with XLA; reverse mode runs the portable closed-form backward, or with `kernel="pallas"` the
+  Pallas backward kernel where it fits (`kernel_tangent`: the tangent as one linear primitive whose
+  transpose is `pallas_backward.backward`). The statistics'
   tangents are `Σ dx / n` and `2 Σ (x − μ)·dx / n` (`cpu_kernel.moments_tangents`).
 
   Args:
@@ -403,19 +406,29 @@ def _kernel_jvp(config, primals, tangents):
     r, d = renorm_lib.clipped_corrections(
       m, v, reshaped(running_mean), reshaped(running_var), r_max, d_max, epsilon=config.epsilon
     )
-  tangents = jax.checkpoint(functools.partial(_kernel_tangents, rule, count), prevent_cse=False)
+  pallas = (config.interpret, config.budget) if config.kernel == "pallas" else None
+  tangents = functools.partial(_kernel_tangents, rule, count, pallas)
+  tangents = jax.checkpoint(tangents, prevent_cse=False)
   dy, dmean, dvar = tangents(x, m, v, reshaped(scale), r, d, dx, reshaped(dscale), reshaped(dbias))
   if dmean is not None:
     dmean, dvar = dmean.reshape(mean.shape), dvar.reshape(var.shape)
   return (y, mean, var), (dy, zeros if dmean is None else dmean, zeros if dvar is None else dvar)
 
 
-def _kernel_tangents(rule, count, x, mean, var, scale, r, d, dx, dscale, dbias):
+def _kernel_tangents(rule, count, pallas, x, mean, var, scale, r, d, dx, dscale, dbias):
   """`(dy, dmean, dvar)`: the closed-form `dy` and the statistics' tangents, from `x` and per-feature
   values only (checkpointed: reverse mode keeps `x` and no full-size intermediate). `count` is the
-  NumPy constant of elements per feature."""
+  NumPy constant of elements per feature. `pallas`: None, or the Pallas kernel's `(interpret,
+  budget)`: `dy` is then `kernel_tangent`'s primitive, whose transpose (reverse mode) is the Pallas
+  backward kernel."""
   rstd = jax.lax.rsqrt(var + rule.epsilon)
-  dy = _tangent(rule, x, None, mean, var, count, rstd, scale, r, d, dx, dscale, dbias)
+  if pallas is not None and dx is not None and r is None:
+    interpret, budget = pallas
+    dy = kernel_tangent.batch_norm_tangent(
+      x, mean, rstd, scale, dx, dscale, dbias, dtype=rule.dtype, interpret=interpret, budget=budget
+    )
+  else:
+    dy = _tangent(rule, x, None, mean, var, count, rstd, scale, r, d, dx, dscale, dbias)
   if dx is None:
     return dy, None, None
   dmean, dvar = cpu_kernel.moments_tangents(x, mean, dx, rule.reduce_axes)

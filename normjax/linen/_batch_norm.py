@@ -84,6 +84,7 @@ class BatchNorm(nn.Module):
   r_max: Any = 3.0
   d_max: Any = 5.0
   check_finite: bool = False
+  tpu_kernel: bool = False
 
   def _config(self, **overrides) -> bn_lib.BatchNormConfig:
     options = {f.name: getattr(self, f.name) for f in dataclasses.fields(bn_lib.BatchNormConfig)}

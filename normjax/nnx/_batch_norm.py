@@ -78,6 +78,7 @@ class BatchNorm(nnx.Module):
     use_running_average: the mode when the call gives none (flax's attribute; default False).
     axis, momentum, epsilon, debias, unbiased_running_var, use_scale, use_bias, stats_method,
       stats_shift, axis_name, axis_index_groups, ghost_batch_size, ghost_grouping, renorm, r_max, d_max, check_finite,
+      tpu_kernel,
       dtype, param_dtype: the options of `normjax.batch_norm`, with its defaults (see its docstring).
     use_fast_variance: flax's flag; None (default) keeps `stats_method`, True is `stats_method="fast"`
       (flax's E[x²]−E[x]², flax's default), False `"two_pass"`.
@@ -139,6 +140,7 @@ class BatchNorm(nnx.Module):
     r_max: renorm_lib.ScalarOrSchedule = 3.0,
     d_max: renorm_lib.ScalarOrSchedule = 5.0,
     check_finite: bool = False,
+    tpu_kernel: bool = False,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     scale_init: Any = _common.ONES,
