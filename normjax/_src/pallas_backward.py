@@ -31,7 +31,6 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from normjax._src import compat
 from normjax._src import pallas_batch_norm as forward
@@ -114,42 +113,23 @@ def backward(
 
 
 def _call(x, g, mean, rstd, scale, interpret, budget):
-  features = x.shape[-1]
-  block = forward.feature_block(features)
-  rank = x.ndim
-  x_spec = pl.BlockSpec(x.shape[:-1] + (block,), lambda j: (0,) * (rank - 1) + (j,))
-  vector_spec = pl.BlockSpec((1, block), lambda j: (0, j))
-  vector = compat.shape_like(x, (1, features), jnp.float32)
-  kernel = _kernel(x.shape, _chunking(x.shape, x.dtype, g.dtype))
+  grid = forward.grid(x, budget)
+  vectors = [grid.vector_spec] * 3
   return pl.pallas_call(
-    kernel,
-    out_shape=(compat.shape_like(x, x.shape, x.dtype), vector, vector),
-    grid=(features // block,),
-    in_specs=[x_spec, x_spec, vector_spec, vector_spec, vector_spec],
-    out_specs=(x_spec, vector_spec, vector_spec),
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel",), vmem_limit_bytes=max(budget, 16 * 2**20)
-    ),
+    _kernel(x.shape, _chunking(x.shape, x.dtype, g.dtype)),
+    out_shape=(compat.shape_like(x, x.shape, x.dtype), grid.vector, grid.vector),
+    grid=(grid.size,),
+    in_specs=[grid.x_spec, grid.x_spec, *vectors],
+    out_specs=(grid.x_spec, grid.vector_spec, grid.vector_spec),
+    compiler_params=grid.params,
     interpret=interpret,
   )(x, compat.vary_like(x, g), mean, rstd, scale)
 
 
 def _kernel(shape, chunking):
   """The kernel body for one feature block: `Σ g` and `Σ g·(x − μ)`, then `dx`."""
-  axis, rows = chunking
-  per_slice = shape[axis] // rows
-  steps = math.prod(shape[:axis]) * per_slice
+  steps, index, per_feature = forward.walk(shape, chunking)  # the forward kernel's chunks
   count = float(math.prod(shape[:-1]))
-  reduced = tuple(range(len(shape) - 1))
-
-  def index(i):  # the chunk's index into the block (as the forward kernel walks it)
-    if axis == 0:
-      return (pl.ds(i * rows, rows),)
-    outer, inner = jax.lax.div(i, per_slice), jax.lax.rem(i, per_slice)
-    return (pl.ds(outer, 1), pl.ds(inner * rows, rows))
-
-  def per_feature(values):  # (1, block) from a chunk's (rows, ..., block)
-    return jnp.sum(values, axis=reduced, keepdims=True).reshape(1, -1)
 
   def kernel(x_ref, g_ref, mean_ref, rstd_ref, scale_ref, dx_ref, sum_g_ref, sum_gx_ref):
     width = x_ref.shape[-1]

@@ -24,7 +24,7 @@ Reference:
 
 import contextlib
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -182,23 +182,67 @@ def statistics_and_normalize(
   return y.reshape(x.shape), mean, var
 
 
-def _call(x, scale, bias, epsilon, dtype, interpret, budget):
+class Grid(NamedTuple):
+  """How a kernel over `x` (features last) is laid out: one grid step per feature block."""
+
+  x_spec: object  # a block of every other axis and `feature_block` features
+  vector_spec: object  # the block's per-feature (1, block) values
+  vector: object  # the ShapeDtypeStruct of a (1, C) float32 output, varying like x
+  size: int  # grid steps
+  params: object  # TPU compiler parameters (VMEM limit from the budget)
+
+
+def grid(x, budget) -> Grid:
+  """The block specs, grid and compiler parameters shared by the forward and backward kernels."""
   features = x.shape[-1]
   block = feature_block(features)
   rank = x.ndim
-  x_spec = pl.BlockSpec(x.shape[:-1] + (block,), lambda j: (0,) * (rank - 1) + (j,))
-  vector_spec = pl.BlockSpec((1, block), lambda j: (0, j))
-  vector = compat.shape_like(x, (1, features), jnp.float32)  # varying like x under shard_map
-  kernel = _kernel(x.shape, _chunking(x.shape, x.dtype), epsilon)
-  y, mean, var = pl.pallas_call(
-    kernel,
-    out_shape=(compat.shape_like(x, x.shape, dtype), vector, vector),
-    grid=(features // block,),
-    in_specs=[x_spec, vector_spec, vector_spec],
-    out_specs=(x_spec, vector_spec, vector_spec),
-    compiler_params=pltpu.CompilerParams(
+  return Grid(
+    pl.BlockSpec(x.shape[:-1] + (block,), lambda j: (0,) * (rank - 1) + (j,)),
+    pl.BlockSpec((1, block), lambda j: (0, j)),
+    compat.shape_like(x, (1, features), jnp.float32),  # varying like x under shard_map
+    features // block,
+    pltpu.CompilerParams(
       dimension_semantics=("parallel",), vmem_limit_bytes=max(budget, 16 * 2**20)
     ),
+  )
+
+
+class Walk(NamedTuple):
+  """How a kernel walks its block in chunks (`_chunking`)."""
+
+  steps: int  # chunks per block
+  index: object  # i -> the i-th chunk's index into the block
+  per_feature: object  # a chunk's values -> their (1, block) sums over every axis but the last
+
+
+def walk(shape, chunking) -> Walk:
+  """The chunk loop of a block of `shape` (the block's own shape) for `chunking = (axis, rows)`."""
+  axis, rows = chunking
+  per_slice = shape[axis] // rows  # chunks per slice of the axes before `axis`
+  reduced = tuple(range(len(shape) - 1))
+
+  def index(i):
+    if axis == 0:
+      return (pl.ds(i * rows, rows),)
+    outer, inner = jax.lax.div(i, per_slice), jax.lax.rem(i, per_slice)  # i ≥ 0: no sign fix-up
+    return (pl.ds(outer, 1), pl.ds(inner * rows, rows))
+
+  def per_feature(values):
+    return jnp.sum(values, axis=reduced, keepdims=True).reshape(1, -1)
+
+  return Walk(math.prod(shape[:axis]) * per_slice, index, per_feature)
+
+
+def _call(x, scale, bias, epsilon, dtype, interpret, budget):
+  g = grid(x, budget)
+  y, mean, var = pl.pallas_call(
+    _kernel(x.shape, _chunking(x.shape, x.dtype), epsilon),
+    out_shape=(compat.shape_like(x, x.shape, dtype), g.vector, g.vector),
+    grid=(g.size,),
+    in_specs=[g.x_spec, g.vector_spec, g.vector_spec],
+    out_specs=(g.x_spec, g.vector_spec, g.vector_spec),
+    compiler_params=g.params,
     interpret=interpret,
   )(x, *(compat.vary_like(x, v.astype(jnp.float32).reshape(1, -1)) for v in (scale, bias)))
   return y, mean[0], var[0]
@@ -206,23 +250,11 @@ def _call(x, scale, bias, epsilon, dtype, interpret, budget):
 
 def _kernel(shape, chunking, epsilon):
   """The kernel body for one feature block: sum, sum of squared deviations, normalize."""
-  axis, rows = chunking
-  per_slice = shape[axis] // rows  # chunks per slice of the axes before `axis`
-  steps = math.prod(shape[:axis]) * per_slice
+  steps, index, per_feature = walk(shape, chunking)
   count = float(math.prod(shape[:-1]))
-  reduced = tuple(range(len(shape) - 1))
-
-  def index(i):  # the chunk's index into the block
-    if axis == 0:
-      return (pl.ds(i * rows, rows),)
-    outer, inner = jax.lax.div(i, per_slice), jax.lax.rem(i, per_slice)  # i ≥ 0: no sign fix-up
-    return (pl.ds(outer, 1), pl.ds(inner * rows, rows))
 
   def chunk(ref, i):
     return ref[index(i)].astype(jnp.float32)
-
-  def per_feature(values):  # (1, block) from a chunk's (rows, ..., block)
-    return jnp.sum(values, axis=reduced, keepdims=True).reshape(1, -1)
 
   def kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, var_ref):
     width = x_ref.shape[-1]
