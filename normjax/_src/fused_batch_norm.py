@@ -33,6 +33,7 @@ from typing import NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from normjax._src import collectives
@@ -271,6 +272,32 @@ def _tangent_with(
   ]
   dy = make_output(config, parts, x.shape, acc)
   return _vary_like(x, dy)  # a tangent from replicated parameters alone must still vary like y
+
+
+def portable_tangent(x, mean, rstd, scale, dx, dscale, dbias, *, dtype):
+  """The closed-form tangent of a plain training step (statistics over every axis but the last, no
+  mask, ghost groups or renorm) as the portable XLA program: `kernel_tangent`'s formula, whose
+  transpose is the portable closed-form backward. Per-feature arguments have `x`'s rank (keepdims)."""
+  axes = tuple(range(x.ndim - 1))
+  config = _Config(axes, None, None, 0.0, jnp.dtype(dtype))
+  count = np.full(mean.shape, x.size // x.shape[-1], np.float32)
+  return _tangent_with(
+    config,
+    _portable_xhat,
+    _portable_output,
+    x,
+    None,
+    mean,
+    None,
+    count,
+    rstd,
+    scale,
+    None,
+    None,
+    dx,
+    dscale,
+    dbias,
+  )
 
 
 def _per_group(value, *, keep, dtype):
