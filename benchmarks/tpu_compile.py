@@ -58,6 +58,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from benchmarks import tables  # noqa: E402
 from normjax._src import collectives  # noqa: E402
 from normjax._src import pallas_batch_norm  # noqa: E402
+from normjax._src import pallas_plan  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 OUT_FILES = {
@@ -790,15 +791,20 @@ _MSA_OPS = ("copy-start", "slice-start", "slice-done")  # memory-space assignmen
 def _hlo_traffic(hlo: str) -> Tuple[float, float, int]:
   """Operand + result bytes over the ENTRY's top-level instructions, split into memory-space
   assignment's prefetches (`_MSA_OPS` and its `ConcatBitcast` reassembly) and everything else
-  (fusions, kernels), and the number of Pallas kernels."""
+  (fusions, kernels), and the number of Pallas kernels. A streaming kernel's inputs count once more
+  for the share of chunks its second sweep reads again (`pallas_plan.reread`, from the plan in
+  its name): what its block specs copy."""
   reassembly = set(re.findall(r'%(\S+) = [^\n]*custom_call_target="ConcatBitcast"', hlo))
   msa = compute = 0.0
   for row in _tpu.entry_traffic(hlo):
     if row["op"] in _MSA_OPS or row["name"] in reassembly:
       msa += row["read"] + row["written"]
     else:
-      compute += row["read"] + row["written"]
+      compute += row["read"] * (1 + pallas_plan.reread(row["name"])) + row["written"]
   return compute, msa, hlo.count('custom_call_target="tpu_custom_call"')
+
+
+_KERNEL_KINDS = {"resident": "resident", "streaming": "two sweeps", None: "XLA"}
 
 
 def pallas_row(shape, dtype, mesh_, failures: Failures) -> dict:
@@ -807,12 +813,18 @@ def pallas_row(shape, dtype, mesh_, failures: Failures) -> dict:
   `bytes accessed` alone cannot compare them: the compiler's cost model does not see into a custom
   call. Each program is also measured by the operand and result bytes of its top-level HLO
   instructions (`_tpu.entry_traffic`) in units of N, split into fusions and kernels (`compute`; for
-  the kernel exactly what its block specs copy: each `x` block in once, each `y` block out once) and
+  the kernel exactly what its block specs copy: each `x` block in once, each `y` block out once; a
+  streaming kernel's second sweep reads the uncached chunks again) and
   memory-space assignment's prefetches into VMEM (`msa`).
   """
   n_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
   row = {"shape": "x".join(map(str, shape)), "dtype": jnp.dtype(dtype).name, "N_bytes": n_bytes}
-  row["fits"] = pallas_batch_norm.fits(shape, dtype, dtype, V5E_VMEM_BUDGET)
+  kinds = [
+    choose(shape, dtype, dtype, V5E_VMEM_BUDGET)
+    for choose in (pallas_plan.forward_kernel, pallas_plan.backward_kernel)
+  ]
+  row["kernel"] = " + ".join(_KERNEL_KINDS[k] for k in kinds)
+  row["fits"] = kinds[0] is not None
   programs = {"normjax Pallas": ("normjax tpu_kernel=True", V5E_VMEM_BUDGET)}
   programs.update({impl: (impl, 0) for impl in PALLAS_IMPLS})
   for name, (impl, budget) in programs.items():
@@ -833,7 +845,7 @@ def pallas_row(shape, dtype, mesh_, failures: Failures) -> dict:
   return row
 
 
-PALLAS_SHAPES = [(OP_BATCH,) + s for s in OP_SHAPES[:4]] + [
+PALLAS_SHAPES = [(OP_BATCH,) + s for s in OP_SHAPES] + [
   (32, 56, 56, 64),
   (32, 32, 32, 128),
   (64, 16, 16, 256),
@@ -855,7 +867,7 @@ PALLAS_MODEL_PROGRAMS = {
 
 
 def run_pallas(failures: Failures, shapes, dtypes, models=PALLAS_MODELS) -> dict:
-  """The op rows, and whole train steps (bfloat16) with and without the kernels."""
+  """The op rows, and whole train steps (bfloat16) with and without the kernels (none: op rows only)."""
   mesh_ = _tpu.mesh("v5e:1", BATCH)
   rows = []
   for dtype in dtypes:
@@ -868,7 +880,7 @@ def run_pallas(failures: Failures, shapes, dtypes, models=PALLAS_MODELS) -> dict
     model_rows += model_bytes_rows(
       mesh_, jnp.bfloat16, [name], failures, batch=batch, programs=PALLAS_MODEL_PROGRAMS
     )
-  return {"rows": rows, "models": model_rows}
+  return {"rows": rows, "models": model_rows} if models else {"rows": rows}
 
 
 def check_pallas_rows(rows, failures: Failures) -> None:
@@ -1203,14 +1215,24 @@ def _bytes_ops_table():
 def _bytes_pallas_table():
   rows = [r for r in _load("tpu_pallas.json")["rows"] if "normjax Pallas" in r]
   for r in rows:
-    r["fits"] = "yes" if r["fits"] else "no: XLA path"
-  columns = [("shape", "shape (NHWC)", "{}"), ("dtype", "dtype", "{}"), ("fits", "kernel", "{}")]
+    r["kernel"] = r["kernel"] if r["fits"] else "no: XLA path"
+    r["/ flax cost model"] = r["normjax Pallas"] / r["flax cost model"]
+    r["/ flax fusions"] = r["normjax Pallas"] / r["flax"]
+  columns = [
+    ("shape", "shape (NHWC)", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("kernel", "fwd + bwd", "{}"),
+  ]
   for impl, label in (("normjax Pallas", "Pallas"), ("normjax", "normjax XLA"), ("flax", "flax")):
     columns += [
       (f"{impl} cost model", f"{label}: cost model", "{:.2f}"),
       (impl, f"{label}: fusions + kernels", "{:.2f}"),
       (f"{impl} msa", f"{label}: MSA prefetches", "{:.2f}"),
     ]
+  columns += [
+    ("/ flax cost model", "Pallas fusions + kernels / flax cost model", "{:.2f}"),
+    ("/ flax fusions", "Pallas / flax fusions + kernels", "{:.2f}"),
+  ]
   head = "fwd+bwd on one v5e chip, in units of N = bytes of x; floors 5N and 8N.\n\n"
   return head + tables.markdown(rows, columns)
 
@@ -1372,6 +1394,11 @@ def parse_args(argv=None):
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--resume", action="store_true", help="keep the ok cells of an earlier --out JSON")
   p.add_argument(
+    "--pallas-ops-only",
+    action="store_true",
+    help="with --parts pallas: only the op rows (a few minutes); the train steps' rows are kept",
+  )
+  p.add_argument(
     "--msa",
     choices=("on", "off"),
     default="on",
@@ -1475,7 +1502,8 @@ def main(argv=None):
       store.data.update(result)
       store.put("failures", [f for f in failures.items if f.get("part") == "bytes"])
     if "pallas" in s["parts"]:
-      result = run_pallas(failures, PALLAS_SHAPES, s["dtypes"])
+      models = () if args.pallas_ops_only else PALLAS_MODELS
+      result = run_pallas(failures, PALLAS_SHAPES, s["dtypes"], models)
       store = Store(os.path.join(args.out, OUT_FILES["pallas"]), machine)
       for key, value in result.items():
         store.put(key, value)

@@ -21,16 +21,18 @@ import pytest
 from normjax._src import fused_batch_norm
 from normjax._src import kernel_tangent
 from normjax._src import pallas_backward
+from normjax._src import pallas_plan
 from tests import helpers
 from tests import references
 
 EPS = 1e-5
-SHAPES = [  # shape[-2] a multiple of 8 (`pallas_batch_norm.LAYOUT`)
+SHAPES = [  # in a layout the kernels read (`pallas_batch_norm.LAYOUT`)
   (16, 2),
   (8, 7, 16, 256),  # two feature blocks of 128
   (4, 5, 16, 64),
   (32, 200),
   (3, 2, 400, 128),  # chunks along axis 1
+  (16, 3, 5, 16),  # W = 5: read as its (H, W, N, C) view, the TPU's layout
 ]
 
 
@@ -131,16 +133,33 @@ def test_forward_mode_and_second_order_fall_back_to_xla():
 
 
 def test_backward_that_does_not_fit_takes_xla():
-  """A budget the forward kernel fits but the backward (three arrays) does not: one kernel, same
-  gradient."""
-  x, _, scale = _data((8, 4, 16, 128), "float32")
+  """A budget the forward kernel fits but the backward (three arrays) does not, for 2-D `x` (which
+  the streaming kernels do not take): one kernel, same gradient."""
+  x, _, scale = _data((512, 128), "float32")
   weights = jnp.asarray(helpers.normal_data(x.shape, seed=5))
   budget = 2 * 2**20  # forward: 2 × (x + y) blocks (1 MiB) and temporaries; backward: 2 × 3 blocks
   assert pallas_backward.vmem_bytes(x.shape, x.dtype, x.dtype) > budget
   assert not pallas_backward.fits(x.shape, x.dtype, x.dtype, budget)
+  assert pallas_plan.backward_kernel(x.shape, x.dtype, x.dtype, budget) is None
   loss = functools.partial(_loss, bias=jnp.zeros(128), weights=weights, budget=budget)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x, scale))
   assert jaxpr.count("pallas_call") == 1
+  np.testing.assert_allclose(
+    jax.grad(loss)(x, scale), jax.grad(_loss)(x, scale, jnp.zeros(128), weights), atol=1e-6
+  )
+
+
+def test_backward_that_does_not_fit_sweeps_twice():
+  """Where the resident backward does not fit, 4-D `x` takes `pallas_streaming`'s two sweeps: the
+  forward stays resident, the gradient is autodiff's."""
+  x, _, scale = _data((8, 4, 16, 128), "float32")
+  weights = jnp.asarray(helpers.normal_data(x.shape, seed=5))
+  budget = 2 * 2**20
+  assert not pallas_backward.fits(x.shape, x.dtype, x.dtype, budget)
+  assert pallas_plan.backward_kernel(x.shape, x.dtype, x.dtype, budget) == "streaming"
+  loss = functools.partial(_loss, bias=jnp.zeros(128), weights=weights, budget=budget)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x, scale))
+  assert jaxpr.count("pallas_call") == 2 and "normjax_bn_stream_bwd" in jaxpr
   np.testing.assert_allclose(
     jax.grad(loss)(x, scale), jax.grad(_loss)(x, scale, jnp.zeros(128), weights), atol=1e-6
   )

@@ -8,6 +8,7 @@ kernel is staged only for TPUs (`tests/test_tpu_compile.py` compiles it with the
 """
 
 import functools
+import math
 import re
 from unittest import mock
 
@@ -27,13 +28,14 @@ from tests import helpers
 from tests import references
 
 EPS = 1e-5
-SHAPES = [  # shape[-2] a multiple of 8 (`pallas_batch_norm.LAYOUT`)
+SHAPES = [  # in a layout the kernels read (`pallas_batch_norm.LAYOUT`)
   (16, 2),  # 2-D: chunks of whole sublane tiles
   (8, 7, 16, 256),  # two feature blocks of 128
   (4, 5, 16, 64),  # fewer than 128 features: one block
   (32, 200),  # not a multiple of 128: one block
   (64, 4, 16, 128),  # several slices of axis 0 per chunk
   (3, 2, 400, 128),  # chunks along axis 1
+  (16, 3, 5, 16),  # W = 5: read as its (H, W, N, C) view, the TPU's layout
 ]
 KERNEL = functools.partial(fused_batch_norm.statistics_and_normalize, epsilon=EPS, interpret=True)
 
@@ -108,7 +110,7 @@ def test_unsupported_input_names_its_shape_dtype_and_budget():
     pallas_batch_norm.statistics_and_normalize(
       jnp.ones((16, 3), jnp.float16), jnp.ones(3), jnp.zeros(3), epsilon=EPS, interpret=True
     )
-  with pytest.raises(ValueError, match=r"shape\[-2\] a multiple of 8"):
+  with pytest.raises(ValueError, match=r"in a layout it reads in place"):
     pallas_batch_norm.statistics_and_normalize(
       jnp.ones((4, 3)), jnp.ones(3), jnp.zeros(3), epsilon=EPS, interpret=True
     )
@@ -118,6 +120,38 @@ def test_unsupported_input_names_its_shape_dtype_and_budget():
     )
 
 
+@pytest.mark.parametrize(
+  "shape, layout, kernel_shape",
+  [
+    ((256, 28, 28, 128), "batch rows", (28, 28, 256, 128)),  # the TPU's {3,0,2,1}
+    ((1, 8, 7, 7, 512), "batch rows", (7, 7, 8, 512)),  # one group of a BatchNorm step
+    ((8, 49, 512), "batch rows", (49, 8, 512)),
+    ((32, 1, 1, 512), "batch rows", (1, 1, 32, 512)),
+    ((32, 56, 56, 64), "rows", (32, 56, 56, 64)),
+    ((4096, 1024), "rows", (4096, 1024)),
+    ((256, 56, 56, 64), "batch lanes", None),  # the TPU's {0,3,2,1}
+    ((32, 4, 4, 512), "small tiles", None),  # (4, 128) tiles
+    ((6, 7, 7, 512), "padded", None),
+    ((12, 64), "padded", None),
+  ],
+)
+def test_compiler_layout_decides_the_view(shape, layout, kernel_shape):
+  """The layouts libtpu gives these shapes (`pallas_batch_norm.LAYOUT`), and the view the kernels
+  read; the TPU compile suite checks on v5e that the views need no copies (5 N)."""
+  assert pallas_batch_norm.compiler_layout(shape) == layout
+  if kernel_shape is not None:
+    assert pallas_batch_norm.view(shape)[0] == kernel_shape
+    abstract = jax.ShapeDtypeStruct(shape, jnp.float32)
+    assert jax.eval_shape(pallas_batch_norm.to_view, abstract).shape == kernel_shape
+    if math.prod(shape) < 2**20:
+      x = jnp.arange(math.prod(shape), dtype=jnp.float32).reshape(shape)
+      back = pallas_batch_norm.from_view(pallas_batch_norm.to_view(x), shape)
+      np.testing.assert_array_equal(back, x)
+  assert pallas_batch_norm.fits(shape, jnp.float32, jnp.float32, 2**40) == (
+    kernel_shape is not None
+  )
+
+
 def test_budget_decides_which_shapes_fit():
   shape = (64, 14, 16, 512)  # bfloat16: double-buffered x and y blocks of 3.7 MB each
   assert pallas_batch_norm.vmem_bytes(shape, jnp.bfloat16, jnp.bfloat16) > 2 * 4 * 14336 * 128
@@ -125,7 +159,9 @@ def test_budget_decides_which_shapes_fit():
   with pallas_batch_norm.assume_vmem_budget(96 * 2**20):
     assert pallas_batch_norm.fits(shape, jnp.bfloat16, jnp.bfloat16)
     assert not pallas_batch_norm.fits((256, 32, 32, 128), jnp.bfloat16, jnp.bfloat16)  # 268 MB
-    assert not pallas_batch_norm.fits((8, 7, 7, 512), jnp.bfloat16, jnp.bfloat16)  # layout
+    assert pallas_batch_norm.fits((8, 7, 7, 512), jnp.bfloat16, jnp.bfloat16)  # (7, 7, 8, 512)
+    for layout in [(6, 7, 7, 512), (32, 4, 4, 512), (256, 56, 56, 64)]:
+      assert not pallas_batch_norm.fits(layout, jnp.bfloat16, jnp.bfloat16), layout
   assert not pallas_batch_norm.fits((8,), jnp.float32, jnp.float32)
 
 

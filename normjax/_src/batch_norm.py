@@ -25,7 +25,7 @@ from normjax._src import cpu_kernel
 from normjax._src import fused_batch_norm
 from normjax._src import lowering
 from normjax._src import normalize as normalize_lib
-from normjax._src import pallas_batch_norm
+from normjax._src import pallas_plan
 from normjax._src import renorm as renorm_lib
 from normjax._src import running
 from normjax._src import state_types
@@ -456,8 +456,9 @@ def _statistics_are_local(config) -> bool:
 def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
   """The platforms ("tpu", "cpu") whose kernel runs this training step: features last, statistics of
   one device (`_statistics_are_local`) without a mask, accurate statistics (not "fast"). On a TPU, with
-  `tpu_kernel=True`, the Pallas kernels (`pallas_batch_norm`, `pallas_backward` for the backward) for one
-  group without renorm whose blocks fit the VMEM budget; on a
+  `tpu_kernel=True`, the Pallas kernels (`pallas_batch_norm`, `pallas_backward` for the backward, or
+  their two-sweep forms in `pallas_streaming`) for one group without renorm, where
+  `pallas_plan.forward_kernel` finds one; on a
   CPU the custom call (`cpu_kernel`) where it is built, also for consecutive ghost batches and
   renorm (its corrections folded into the kernel's affine). (The other
   features-last steps on a CPU take their statistics from `cpu_kernel.moments` inside
@@ -467,7 +468,7 @@ def _kernels(config, x, mask, axes, dtype) -> Tuple[str, ...]:
     return ()
   one_group = config.ghost_batch_size is None
   tpu = config.tpu_kernel and one_group and not config.renorm
-  tpu = tpu and pallas_batch_norm.fits(x.shape, x.dtype, dtype)
+  tpu = tpu and pallas_plan.forward_kernel(x.shape, x.dtype, dtype) is not None
   cpu = one_group or config.ghost_grouping == "consecutive"  # groups: contiguous slices of x
   cpu = cpu and cpu_kernel.handles((1,) + x.shape, x.dtype, dtype, grouped=True)
   return ("tpu",) * tpu + ("cpu",) * cpu
@@ -596,7 +597,9 @@ def batch_norm(
     tpu_kernel: on a TPU, run a plain training step (features last, no ghost batches, mask,
       synchronization across devices or renorm, `stats_method` not "fast") as the Pallas kernels
       (`pallas_batch_norm` forward: one read of `x`; `pallas_backward`: one read of `x` and `dy`)
-      where their blocks fit the chip's VMEM; other steps and platforms keep the XLA program. Off
+      where their blocks fit the chip's VMEM, else in two sweeps over chunks that keep what fits
+      in VMEM (`pallas_streaming`) where those move less than XLA; other steps and platforms keep
+      the XLA program. Off
       by default: inside a network XLA fuses BatchNorm into the neighbouring convolutions and
       elementwise ops, which a kernel prevents. Compiled for one v5e chip, a ResNet-18 CIFAR train
       step at 32 images moves 1.41× the bytes with the kernels (BENCHMARKS.md); an isolated layer

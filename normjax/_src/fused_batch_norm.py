@@ -43,6 +43,8 @@ from normjax._src import normalize as normalize_lib
 from normjax._src import cpu_kernel
 from normjax._src import kernel_tangent
 from normjax._src import pallas_batch_norm
+from normjax._src import pallas_plan
+from normjax._src import pallas_streaming
 from normjax._src import renorm as renorm_lib
 from normjax._src import stats
 
@@ -345,17 +347,19 @@ def statistics_and_normalize(
 ):
   """`(y, mean, var)` of a training step from a kernel, with the closed-form derivative.
 
-  `kernel="pallas"`: the Pallas TPU kernel (`pallas_batch_norm.statistics_and_normalize`) reads `x`
-  once for the statistics and the normalization; `kernel="cpu"`: the XLA:CPU custom call
+  `kernel="pallas"`: the Pallas TPU kernel (`pallas_batch_norm.statistics_and_normalize`, or its
+  two sweeps `pallas_streaming.statistics_and_normalize` for a block larger than VMEM) reads `x`
+  once for the statistics and the normalization (the sweeps: again for the chunks not kept); `kernel="cpu"`: the XLA:CPU custom call
   (`cpu_kernel.statistics_and_normalize`) reads it twice. Its derivative is the rule of
   `normalize_training` (no mask; renorm's r and d constant): forward mode and higher orders evaluate
   it with XLA; reverse mode runs the portable closed-form backward, or with `kernel="pallas"` the
   Pallas backward kernel where it fits (`kernel_tangent`: the tangent as one linear primitive whose
-  transpose is `pallas_backward.backward`). The statistics'
+  transpose is `pallas_backward.backward`, or `pallas_streaming.backward`). The statistics'
   tangents are `Σ dx / n` and `2 Σ (x − μ)·dx / n` (`cpu_kernel.moments_tangents`).
 
   Args:
-    x: features last, with `pallas_batch_norm.fits(x.shape, x.dtype, dtype, budget)`.
+    x: features last, with `pallas_plan.forward_kernel(x.shape, x.dtype, dtype, budget)`
+      (the resident kernel where it fits, else `pallas_streaming`'s two sweeps).
     scale, bias: `(C,)` arrays or None.
     epsilon, dtype, interpret, budget: as `pallas_batch_norm.statistics_and_normalize` (the CPU
       kernel takes only `epsilon` and `dtype`).
@@ -399,14 +403,17 @@ def _run_kernel(config, x, scale, bias, renorm):
       grouped=config.grouped,
       renorm=renorm,
     )
-  return pallas_batch_norm.statistics_and_normalize(
+  budget = pallas_batch_norm.vmem_budget() if config.budget is None else config.budget
+  resident = pallas_plan.forward_kernel(x.shape, x.dtype, config.dtype, budget) == "resident"
+  run = pallas_batch_norm if resident else pallas_streaming  # too large for VMEM: two sweeps
+  return run.statistics_and_normalize(
     x,
     scale,
     bias,
     epsilon=config.epsilon,
     dtype=config.dtype,
     interpret=config.interpret,
-    budget=config.budget,
+    budget=budget,
   )
 
 

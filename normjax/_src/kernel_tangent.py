@@ -9,8 +9,9 @@ as a single primitive, linear in `(dx, dscale, dbias)`, so that its transpose ca
 
   * **transpose** (reverse mode): the map is self-adjoint in `dx` (`1·1ᵀ` and `x̂·x̂ᵀ` are symmetric), so
     the cotangent `g` of `dy` gives `dx̄ = a·(g − Σ g / n − x̂·Σ(g·x̂) / n)`, `dscālē = Σ g·x̂` and
-    `dbiās = Σ g`: exactly the Pallas backward kernel (`pallas_backward`, 3 N bytes), where it `fits`;
-    elsewhere the transpose of XLA's formula. The kernel is wrapped in a `jax.custom_jvp` whose rule
+    `dbiās = Σ g`: exactly the Pallas backward kernel (`pallas_backward`, 3 N bytes) where it fits,
+    else its two-sweep form (`pallas_streaming`) where that moves less than XLA
+    (`pallas_plan.backward_kernel`); elsewhere the transpose of XLA's formula. The kernel is wrapped in a `jax.custom_jvp` whose rule
     is XLA's backward, so reverse-over-reverse and forward-over-reverse still differentiate it.
   * **evaluation** (forward mode, `jax.jvp`, `jax.jacfwd`): the XLA formula (`formula`).
   * **its own JVP** (higher orders through the tangent): `jax.jvp` of the same formula.
@@ -33,6 +34,9 @@ from jax.interpreters import ad, batching, mlir
 
 from normjax._src import compat
 from normjax._src import pallas_backward
+from normjax._src import pallas_batch_norm
+from normjax._src import pallas_plan
+from normjax._src import pallas_streaming
 
 batch_norm_tangent_p = Primitive("normjax_batch_norm_tangent")
 
@@ -96,7 +100,7 @@ def _transpose(ct, x, mean, rstd, scale, dx, dscale, dbias, *, dtype, interpret,
   if type(ct) is ad.Zero:  # noqa: E721
     return [None] * 4 + [None] * 3
   dx_aval = dx.aval if ad.is_undefined_primal(dx) else jax.typeof(dx)
-  if pallas_backward.fits(x.shape, x.dtype, ct.dtype, budget):
+  if pallas_plan.backward_kernel(x.shape, x.dtype, ct.dtype, budget) is not None:
     run = functools.partial(_kernel_backward, interpret, budget, dx_aval.dtype)
   else:
     run = functools.partial(_xla_backward, dx_aval.dtype)
@@ -115,9 +119,10 @@ def _xla_backward(dx_dtype, x, mean, rstd, scale, g):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _kernel_backward(interpret, budget, dx_dtype, x, mean, rstd, scale, g):
   """`_xla_backward`'s values from the Pallas kernel; its derivatives are XLA's (below)."""
-  dx, sum_g, sum_gx = pallas_backward.backward(
-    x, g, mean, rstd, scale, interpret=interpret, budget=budget
-  )
+  budget = pallas_batch_norm.vmem_budget() if budget is None else budget
+  resident = pallas_plan.backward_kernel(x.shape, x.dtype, g.dtype, budget) == "resident"
+  run = pallas_backward if resident else pallas_streaming  # too large for VMEM: two sweeps
+  dx, sum_g, sum_gx = run.backward(x, g, mean, rstd, scale, interpret=interpret, budget=budget)
   return dx.astype(dx_dtype), sum_gx.reshape(mean.shape), sum_g.reshape(mean.shape)
 
 

@@ -12,9 +12,9 @@ For y = (x − μ)·rstd·scale + bias and x̂ = (x − μ)·rstd over the n val
     dx = scale·rstd·(g − Σ g / n − x̂·Σ(g·x̂) / n),   dscale = Σ g·x̂,   dbias = Σ g
 
 (Ioffe & Szegedy 2015, §3). The blocks and chunks are the forward kernel's (`pallas_batch_norm`); it
-runs where `fits` holds (three arrays in VMEM instead of two), and otherwise the caller keeps XLA's
-backward. On a CPU the same kernel runs in Pallas' interpret mode (the tests compare it with float64
-references).
+runs where `fits` holds (three arrays in VMEM instead of two); otherwise the caller takes the same
+backward in two sweeps over chunks (`pallas_streaming`) where those pay, or XLA's. On a CPU the same
+kernel runs in Pallas' interpret mode (the tests compare it with float64 references).
 
 What it moves, from its block specs: each grid step copies one `x` block, one `g` block and three
 per-feature vectors in, and one `dx` block and two per-feature vectors out: `N_x + N_g + N_dx + 5·C·4`
@@ -41,10 +41,10 @@ _SUPPORTED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 def vmem_bytes(shape, dtype, g_dtype) -> int:
   """VMEM one grid step needs: double-buffered `x`, `g` and `dx` blocks, chunk temporaries and the
   per-feature vectors."""
-  shape = forward._without_leading_ones(shape)  # pylint: disable=protected-access
-  block = math.prod(shape[:-1]) * forward.feature_block(shape[-1])
-  itemsize = 2 * jnp.dtype(dtype).itemsize + jnp.dtype(g_dtype).itemsize
-  return 2 * block * itemsize + 4 * forward._CHUNK_ELEMENTS * 4 + 2 * 5 * forward.LANES * 4  # pylint: disable=protected-access
+  shape = forward.view(shape)[0]
+  block = shape[:-1] + (forward.feature_block(shape[-1]),)
+  blocks = 2 * forward.tiled_bytes(block, dtype) + forward.tiled_bytes(block, g_dtype)
+  return 2 * blocks + 4 * forward._CHUNK_ELEMENTS * 4 + 2 * 5 * forward.LANES * 4  # pylint: disable=protected-access
 
 
 def fits(shape, dtype, g_dtype, budget: Optional[int] = None) -> bool:
@@ -64,7 +64,7 @@ def fits(shape, dtype, g_dtype, budget: Optional[int] = None) -> bool:
 def _chunking(shape, dtype, g_dtype):
   """The forward kernel's chunks for the narrower of the two dtypes (its sublane tile is the larger)."""
   narrow = min((jnp.dtype(dtype), jnp.dtype(g_dtype)), key=lambda d: d.itemsize)
-  return forward._chunking(forward._without_leading_ones(shape), narrow)  # pylint: disable=protected-access
+  return forward._chunking(forward.view(shape)[0], narrow)  # pylint: disable=protected-access
 
 
 def backward(
@@ -101,15 +101,15 @@ def backward(
     raise ValueError(
       f"x of shape {x.shape} and dtype {x.dtype} with g of shape {g.shape} and dtype {g.dtype} is "
       "not handled by the Pallas BatchNorm backward kernel: expected g of x's shape, float32 or "
-      f"bfloat16, at least 2-D, shape[-2] a multiple of 8, needing at most {budget} bytes of VMEM "
+      "bfloat16, at least 2-D, in a layout it reads in place (see pallas_batch_norm.LAYOUT), "
+      f"needing at most {budget} bytes of VMEM "
       f"(it needs {vmem_bytes(x.shape, x.dtype, g.dtype)})"
     )
-  core = forward._without_leading_ones(x.shape)  # pylint: disable=protected-access
   vectors = [compat.vary_like(x, v.astype(jnp.float32).reshape(1, -1)) for v in (mean, rstd, scale)]
   dx, sum_g, sum_gx = _call(
-    x.reshape(core), g.reshape(core), *vectors, bool(interpret), int(budget)
+    forward.to_view(x), forward.to_view(g), *vectors, bool(interpret), int(budget)
   )
-  return dx.reshape(x.shape), sum_g[0], sum_gx[0]
+  return forward.from_view(dx, x.shape), sum_g[0], sum_gx[0]
 
 
 def _call(x, g, mean, rstd, scale, interpret, budget):

@@ -9,7 +9,9 @@ BatchNorm takes the portable XLA program (`batch_norm.py` chooses with `jax.lax.
 
 Layout: `x` has the features on its last axis and is read in blocks `x[..., j·b:(j+1)·b]` of every
 other axis (`b` = 128 lanes, or all features when there are at most 128 or they are not a multiple of
-128), one grid step per block; the kernel walks a block in chunks of its leading axis, so its
+128), one grid step per block. Where the TPU compiler keeps an activation with its batch axis next to
+the features (NHWC at 7×7, 14×14 or 28×28: layout {3,0,2,1}), the kernels read that `view`, so no
+copy is made (`LAYOUT`); the kernel walks a block in chunks of its leading axis, so its
 float32 temporaries stay a few hundred KiB whatever the block. On a CPU the same kernel runs in Pallas'
 interpret mode (the tests compare it with float64 references).
 
@@ -40,12 +42,62 @@ _SUBLANES = {4: 8, 2: 16}  # rows per (8, 128) tile by itemsize: float32, bfloat
 
 
 _LAYOUT_ROWS = 8
-LAYOUT = """The kernel needs `x` in row-major order, tiled on its last two axes. When the second-minor
-axis is not a multiple of 8 (the sublanes of a tile), the TPU compiler lays such activations out
-otherwise (at 256×7×7×512 it moves the batch axis next to the features rather than pad 7 rows) and
-then copies `x` and `y` around the kernel: before this condition, that fwd+bwd moved 45 N of HLO
-operand and result bytes against the XLA path's 26 N (v5e, bfloat16; also at 256×14×14×256). Such
-shapes keep the XLA path."""
+LAYOUT = """The kernel needs `x` in row-major order, tiled (8, 128) on its last two axes. The TPU compiler
+lays an activation out otherwise when that would pad a tile, and then copies `x` and `y` around the
+kernel (at 256×7×7×512 bfloat16 such a fwd+bwd moved 45 N of HLO operand and result bytes against
+the XLA path's 26 N on v5e). `compiler_layout` encodes the layouts libtpu 0.0.42.1 gives an argument
+`x` of shape `(N, ..., W, C)` (probed on v5e, float32 and bfloat16, N from 6 to 256):
+
+* `"rows"`: `W` a multiple of 8: row-major, the kernel's own layout.
+* `"batch rows"`: `W` not a multiple of 8 (nor 2 or 4) and `N` a multiple of 8: the batch axis is
+  the second-minor one (layout {3,0,2,1} for NHWC: `(H, W, N, C)` in row-major order). The kernels
+  read that view, `x.transpose(1, ..., 0, -1)` (`view`), which XLA makes a bitcast: the statistics
+  do not depend on the order of the reduced axes.
+* `"batch lanes"`: `C` not a multiple of 128 (the lanes) and `N` a multiple of 128: the batch axis
+  is the minor one (layout {0,3,2,1}: features on sublanes, batch on lanes).
+* `"small tiles"`: `W` 2 or 4: row-major with (W, 128) tiles.
+* `"padded"`: otherwise (`W` and `N` not multiples of 8).
+
+The resident kernels keep features on lanes in (8, 128) tiles, so they handle only the first two;
+the streaming kernels (`pallas_streaming`) also read "batch lanes" as its `(H, W, C, N)` view with
+the features on sublanes. The others keep the XLA path. A wrong guess costs copies, never
+correctness."""
+
+
+def compiler_layout(shape) -> str:
+  """How the TPU compiler lays out an activation of `shape` (`LAYOUT`): "rows", "batch rows",
+  "batch lanes", "small tiles" or "padded"."""
+  core = _without_leading_ones(shape)
+  if len(core) < 3:
+    return "rows" if core[0] % _LAYOUT_ROWS == 0 else "padded"
+  batch, rows, features = core[0], core[-2], core[-1]
+  if features % LANES != 0 and batch % LANES == 0:
+    return "batch lanes"
+  if rows % _LAYOUT_ROWS == 0:
+    return "rows"
+  if rows in (2, 4):
+    return "small tiles"
+  return "batch rows" if batch % _LAYOUT_ROWS == 0 else "padded"
+
+
+def view(shape) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+  """`(kernel shape, permutation)`: the array the kernels read is `x` without leading size-1 axes,
+  transposed by `permutation`: the batch axis moved next to the features where the TPU compiler lays
+  `x` out that way (`compiler_layout` "batch rows"), else unchanged.
+
+  Example:
+    >>> from normjax._src import pallas_batch_norm
+    >>> pallas_batch_norm.view((256, 14, 14, 256))  # the compiler's (H, W, N, C) order
+    ((14, 14, 256, 256), (1, 2, 0, 3))
+    >>> pallas_batch_norm.view((1, 32, 16, 16, 128))
+    ((32, 16, 16, 128), (0, 1, 2, 3))
+  """
+  core = _without_leading_ones(shape)
+  rank = len(core)
+  perm = tuple(range(rank))
+  if compiler_layout(core) == "batch rows":
+    perm = tuple(range(1, rank - 1)) + (0, rank - 1)
+  return tuple(core[p] for p in perm), perm
 
 
 def feature_block(features: int) -> int:
@@ -53,13 +105,22 @@ def feature_block(features: int) -> int:
   return LANES if features > LANES and features % LANES == 0 else features
 
 
+def tiled_bytes(block, dtype) -> int:
+  """The VMEM a block of this shape takes: its last two axes padded to whole (8, 128) tiles of 32-bit
+  words (16 rows of bfloat16), e.g. 64 features take 128 lanes."""
+  rows = _SUBLANES[jnp.dtype(dtype).itemsize]
+  *outer, second, minor = (1,) + tuple(block) if len(block) < 2 else tuple(block)
+  padded = -(-second // rows) * rows * -(-minor // LANES) * LANES
+  return math.prod(outer) * padded * jnp.dtype(dtype).itemsize
+
+
 def vmem_bytes(shape, dtype, out_dtype) -> int:
-  """VMEM one grid step needs: double-buffered `x` and `y` blocks and the per-feature vectors."""
-  shape = _without_leading_ones(shape)
-  rows = math.prod(shape[:-1])
-  block = rows * feature_block(shape[-1])
-  itemsize = jnp.dtype(dtype).itemsize + jnp.dtype(out_dtype).itemsize
-  return 2 * block * itemsize + 3 * _CHUNK_ELEMENTS * 4 + 2 * 5 * LANES * 4
+  """VMEM one grid step needs: double-buffered `x` and `y` blocks (`tiled_bytes`) and the
+  per-feature vectors."""
+  shape = view(shape)[0]
+  block = shape[:-1] + (feature_block(shape[-1]),)
+  blocks = tiled_bytes(block, dtype) + tiled_bytes(block, out_dtype)
+  return 2 * blocks + 3 * _CHUNK_ELEMENTS * 4 + 2 * 5 * LANES * 4
 
 
 _ASSUMED_BUDGET = []  # set only inside `assume_vmem_budget`
@@ -97,15 +158,16 @@ def vmem_budget() -> int:
 
 
 def fits(shape, dtype, out_dtype, budget: Optional[int] = None) -> bool:
-  """Whether the kernel handles `x` of `shape` and `dtype` (float32 or bfloat16, at least 2-D, its
-  second-minor axis a multiple of 8: see `LAYOUT`) with output `out_dtype` within `budget` bytes of
-  VMEM (default `vmem_budget()`)."""
-  shape = _without_leading_ones(shape)
+  """Whether the kernel handles `x` of `shape` and `dtype` (float32 or bfloat16, at least 2-D, in a
+  layout the kernel reads in place: its `view`'s second-minor axis a multiple of 8, the batch not on
+  the lanes; see `LAYOUT`) with output `out_dtype` within `budget` bytes of VMEM (default
+  `vmem_budget()`)."""
   supported = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
   if len(shape) < 2 or jnp.dtype(dtype) not in supported or jnp.dtype(out_dtype) not in supported:
     return False
-  if shape[-2] % _LAYOUT_ROWS != 0:  # see `LAYOUT`
+  if compiler_layout(shape) not in ("rows", "batch rows"):  # see `LAYOUT`
     return False
+  shape = view(shape)[0]
   if _chunking(shape, dtype) is None:
     return False
   return vmem_bytes(shape, dtype, out_dtype) <= (vmem_budget() if budget is None else budget)
@@ -173,13 +235,25 @@ def statistics_and_normalize(
   if not fits(x.shape, x.dtype, dtype, budget):
     raise ValueError(
       f"x of shape {x.shape} and dtype {x.dtype} (output {dtype}) is not handled by the Pallas "
-      f"BatchNorm kernel: expected float32 or bfloat16, at least 2-D, shape[-2] a multiple of 8, "
+      f"BatchNorm kernel: expected float32 or bfloat16, at least 2-D, in a layout it reads in place "
+      f"(see pallas_batch_norm.LAYOUT), "
       f"needing at most {budget} "
       f"bytes of VMEM (it needs {vmem_bytes(x.shape, x.dtype, dtype)})"
     )
-  core = x.reshape(_without_leading_ones(x.shape))
+  core = to_view(x)
   y, mean, var = _call(core, scale, bias, float(epsilon), dtype, bool(interpret), int(budget))
-  return y.reshape(x.shape), mean, var
+  return from_view(y, x.shape), mean, var
+
+
+def to_view(x):
+  """`x` as the kernels read it (`view`)."""
+  return x.reshape(_without_leading_ones(x.shape)).transpose(view(x.shape)[1])
+
+
+def from_view(y, shape):
+  """The inverse of `to_view` for an array of `view(shape)[0]`."""
+  perm = view(shape)[1]
+  return y.transpose(tuple(perm.index(axis) for axis in range(len(perm)))).reshape(shape)
 
 
 class Grid(NamedTuple):
