@@ -126,6 +126,13 @@ def _call(x, g, mean, rstd, scale, interpret, budget):
   )(x, compat.vary_like(x, g), mean, rstd, scale)
 
 
+def coefficients(scale, rstd, sum_g, sum_gc, count):
+  """`(a, a·Σg/n, a·rstd²·Σ(g·(x − μ))/n)`, a = scale·rstd, per feature: `dx = a·g − b − c·(x − μ)`
+  (the closed form above, with Σ(g·x̂) = rstd·Σ(g·(x − μ))); shared with `pallas_streaming`."""
+  factor = scale * rstd
+  return factor, factor * sum_g / count, factor * rstd * rstd * sum_gc / count
+
+
 def _kernel(shape, chunking):
   """The kernel body for one feature block: `Σ g` and `Σ g·(x − μ)`, then `dx`."""
   steps, index, per_feature = forward.walk(shape, chunking)  # the forward kernel's chunks
@@ -144,10 +151,9 @@ def _kernel(shape, chunking):
     zeros = jnp.zeros((1, width), jnp.float32)
     sum_g, sum_gc = jax.lax.fori_loop(0, steps, sums, (zeros, zeros))
     rstd = rstd_ref[...]
-    factor = scale_ref[...] * rstd  # a = scale·rstd
-    offset = (factor * sum_g / count).reshape(bshape)  # a·Σg/n
-    slope = (factor * rstd * rstd * sum_gc / count).reshape(bshape)  # a·rstd·Σ(g·x̂)/n per (x − μ)
-    factor = factor.reshape(bshape)
+    factor, offset, slope = (
+      v.reshape(bshape) for v in coefficients(scale_ref[...], rstd, sum_g, sum_gc, count)
+    )
 
     def dx(i, carry):
       g = g_ref[index(i)].astype(jnp.float32)

@@ -245,14 +245,16 @@ def statistics_and_normalize(
   return from_view(y, x.shape), mean, var
 
 
-def to_view(x):
-  """`x` as the kernels read it (`view`)."""
-  return x.reshape(_without_leading_ones(x.shape)).transpose(view(x.shape)[1])
+def to_view(x, perm=None):
+  """`x` as the kernels read it: without leading size-1 axes, transposed by `perm` (default
+  `view`'s)."""
+  perm = view(x.shape)[1] if perm is None else perm
+  return x.reshape(_without_leading_ones(x.shape)).transpose(perm)
 
 
-def from_view(y, shape):
-  """The inverse of `to_view` for an array of `view(shape)[0]`."""
-  perm = view(shape)[1]
+def from_view(y, shape, perm=None):
+  """The inverse of `to_view(x, perm)` for `x` of `shape`."""
+  perm = view(shape)[1] if perm is None else perm
   return y.transpose(tuple(perm.index(axis) for axis in range(len(perm)))).reshape(shape)
 
 

@@ -13,6 +13,7 @@ Reference:
   Covariate Shift", ICML 2015, arXiv:1502.03167.
 """
 
+import functools
 import math
 import re
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -165,12 +166,15 @@ def traffic(plan_: Plan, input_bytes: Sequence[int], output_bytes: Sequence[int]
   return fetched * sum(per_chunk[0]) + written * sum(per_chunk[1])
 
 
+def chunk_index(plan_: Plan, p, i):
+  """The chunk grid step (sweep p, step i) works on: sweep 0 forwards, sweep 1 backwards."""
+  return i + p * (plan_.chunks - 1 - 2 * i)
+
+
 def index_maps(plan_: Plan):
   """(input chunk, output chunk) of grid step (sweep p, step i), as Python ints or traced ints."""
   last, first_cached = plan_.chunks - 1, plan_.chunks - plan_.cached
-
-  def chunk(p, i):  # sweep 0 forwards, sweep 1 backwards
-    return i + p * (last - 2 * i)
+  chunk = functools.partial(chunk_index, plan_)
 
   def in_map(p, i):  # in sweep 1 a cached chunk keeps the last index: nothing is fetched
     c = chunk(p, i)

@@ -38,18 +38,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from normjax._src import compat
+from normjax._src import pallas_backward
 from normjax._src import pallas_batch_norm as resident
 from normjax._src import pallas_plan
 from normjax._src.pallas_plan import NAME, Geometry, Plan
-
-
-def _to_view(x, geo: Geometry):
-  core = x.reshape(resident._without_leading_ones(x.shape))  # pylint: disable=protected-access
-  return core.transpose(geo.perm)
-
-
-def _from_view(y, geo: Geometry, shape):
-  return y.transpose(tuple(geo.perm.index(a) for a in range(len(geo.perm)))).reshape(shape)
 
 
 class _Grid(NamedTuple):
@@ -92,6 +84,7 @@ class _Sweep(NamedTuple):
   step: object
   chunk: object
   cached: object  # bool: this chunk is in the cache
+  slot: object  # its place in the cache, if cached
   steps: int
   index: object
   per_feature: object
@@ -99,7 +92,7 @@ class _Sweep(NamedTuple):
 
 def _sweep(geo: Geometry, p: Plan, narrow) -> _Sweep:
   s, i = pl.program_id(1), pl.program_id(2)
-  chunk = i + s * (p.chunks - 1 - 2 * i)
+  chunk = pallas_plan.chunk_index(p, s, i)
   block = geo.chunk(p.rows)
   steps, index, per_feature = resident.walk(block, pallas_plan.chunking(geo, block, narrow))
   if not geo.lanes:  # sums over every axis but the features' (second-minor) one
@@ -108,7 +101,8 @@ def _sweep(geo: Geometry, p: Plan, narrow) -> _Sweep:
       axes = tuple(a for a in range(values.ndim) if a != values.ndim - 2)
       return jnp.sum(values, axis=axes, keepdims=True).reshape(-1, 1)
 
-  return _Sweep(s, i, chunk, chunk >= p.chunks - p.cached, steps, index, per_feature)
+  first_cached = p.chunks - p.cached
+  return _Sweep(s, i, chunk, chunk >= first_cached, chunk - first_cached, steps, index, per_feature)
 
 
 def _keep(sw: _Sweep, p: Plan, pairs) -> None:
@@ -118,11 +112,9 @@ def _keep(sw: _Sweep, p: Plan, pairs) -> None:
 
   @pl.when((sw.sweep == 0) & sw.cached)
   def _():
-    slot = sw.chunk - (p.chunks - p.cached)
-
     def copy(k, carry):
       for ref, cache in pairs:
-        cache.at[slot][sw.index(k)] = ref[sw.index(k)]
+        cache.at[sw.slot][sw.index(k)] = ref[sw.index(k)]
       return carry
 
     jax.lax.fori_loop(0, sw.steps, copy, 0)
@@ -133,11 +125,10 @@ def _from_cache_or_buffer(sw: _Sweep, p: Plan, pairs, emit) -> None:
   if p.cached == 0:
     pl.when(sw.sweep == 1)(lambda: emit([ref for ref, _ in pairs]))
     return
-  slot = sw.chunk - (p.chunks - p.cached)
 
   @pl.when((sw.sweep == 1) & sw.cached)
   def _():
-    emit([cache.at[slot] for _, cache in pairs])
+    emit([cache.at[sw.slot] for _, cache in pairs])
 
   @pl.when((sw.sweep == 1) & jnp.logical_not(sw.cached))
   def _():
@@ -166,7 +157,7 @@ def statistics_and_normalize(
   """
   p = pallas_plan.plan_or_raise(x.shape, [x.dtype], [dtype], budget)
   geo = pallas_plan.geometry(x.shape)
-  core = _to_view(x, geo)
+  core = resident.to_view(x, geo.perm)
   g = _grid(core, geo, p, budget, core.dtype)
   count = math.prod(core.shape) // geo.features
   y, mean, var = pl.pallas_call(
@@ -180,7 +171,7 @@ def statistics_and_normalize(
     interpret=interpret,
     name=f"{NAME}_fwd_c{p.chunks}_k{p.cached}",
   )(core, *(_vector(core, geo, v) for v in (scale, bias)))
-  return _from_view(y, geo, x.shape), mean.reshape(-1), var.reshape(-1)
+  return resident.from_view(y, x.shape, geo.perm), mean.reshape(-1), var.reshape(-1)
 
 
 def _vector(core, geo: Geometry, values):
@@ -248,7 +239,7 @@ def backward(x, g, mean, rstd, scale, *, interpret: bool, budget: int):
   """`pallas_backward.backward` in two sweeps (raises as `statistics_and_normalize`)."""
   p = pallas_plan.plan_or_raise(x.shape, [x.dtype, g.dtype], [x.dtype], budget)
   geo = pallas_plan.geometry(x.shape)
-  core, gcore = _to_view(x, geo), _to_view(g, geo)
+  core, gcore = resident.to_view(x, geo.perm), resident.to_view(g, geo.perm)
   grid = _grid(core, geo, p, budget, core.dtype)
   g_cache = pltpu.VMEM(grid.cache.shape, gcore.dtype)
   vectors = [_vector(core, geo, v) for v in (mean, rstd, scale)]
@@ -264,7 +255,7 @@ def backward(x, g, mean, rstd, scale, *, interpret: bool, budget: int):
     interpret=interpret,
     name=f"{NAME}_bwd_c{p.chunks}_k{p.cached}",
   )(core, compat.vary_like(core, gcore), *vectors)
-  return _from_view(dx, geo, x.shape), sum_g.reshape(-1), sum_gx.reshape(-1)
+  return resident.from_view(dx, x.shape, geo.perm), sum_g.reshape(-1), sum_gx.reshape(-1)
 
 
 def _backward_kernel(geo: Geometry, p: Plan, count: int):
@@ -294,16 +285,15 @@ def _backward_kernel(geo: Geometry, p: Plan, count: int):
     pairs = [(x_ref, x_cache), (g_ref, g_cache)]
     _keep(sw, p, pairs)
     rstd = rstd_ref[...]
-    factor = scale_ref[...] * rstd  # a = scale·rstd
-    offset = (factor * acc_g[...] / count).reshape(bshape)  # a·Σg/n
-    slope = (factor * rstd * rstd * acc_gc[...] / count).reshape(bshape)
+    factor, offset, slope = (
+      v.reshape(bshape)
+      for v in pallas_backward.coefficients(scale_ref[...], rstd, acc_g[...], acc_gc[...], count)
+    )
 
     def emit(refs):
       def dx(k, carry):
         g, centered = values(refs, k)
-        dx_ref[sw.index(k)] = (factor.reshape(bshape) * g - offset - slope * centered).astype(
-          dx_ref.dtype
-        )
+        dx_ref[sw.index(k)] = (factor * g - offset - slope * centered).astype(dx_ref.dtype)
         return carry
 
       jax.lax.fori_loop(0, sw.steps, dx, 0)
